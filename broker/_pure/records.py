@@ -1,0 +1,190 @@
+"""Log record format, pure-Python twin of ``broker/_speedups/records.pyx``.
+
+Every record in a segment file is::
+
+    offset  size  field
+    0       4     length   bytes that follow this field: 20 + len(payload)
+    4       4     crc      CRC-32 (zlib) of bytes 8 .. 4 + length
+    8       8     offset   logical offset in the topic (0, 1, 2, ...)
+    16      8     time     append time, milliseconds since the Unix epoch
+    24      n     payload  the message bytes
+
+All integers are unsigned big-endian. A record is valid when its length is
+at least 20, it fits in the buffer, its CRC matches and its offset is the one
+expected; scanning stops at the first record that is not.
+
+Functions here work on whole buffers (a batch to append, a chunk read from a
+segment) so the caller runs Python once per batch; the Cython twin does the
+per-record work in C.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+__all__ = [
+    "HEADER_SIZE", "CorruptRecordError", "encode_records", "scan_records",
+    "index_entries", "decode_records", "records_to_deliveries",
+]
+
+HEADER_SIZE = 24        # length + crc + offset + time
+_MIN_LENGTH = 20        # crc + offset + time
+
+_HDR = struct.Struct(">IIQQ")
+_LEN = struct.Struct(">I")
+_OFF_TIME = struct.Struct(">QQ")
+_INDEX_ENTRY = struct.Struct(">II")
+_unpack_hdr = _HDR.unpack_from
+_pack_len = _LEN.pack
+
+
+class CorruptRecordError(ValueError):
+    """A record failed its CRC or offset check where a valid one must be."""
+
+    def __init__(self, position: int, reason: str) -> None:
+        super().__init__("corrupt record at byte %d: %s" % (position, reason))
+        self.position = position  # byte position of the bad record in the buffer
+        self.reason = reason      # what was wrong with it
+
+
+def encode_records(messages, base_offset: int, timestamp_ms: int) -> bytes:
+    """Encode ``messages`` as consecutive records starting at ``base_offset``."""
+    parts = []
+    append = parts.append
+    off = base_offset
+    for msg in messages:
+        tail = _OFF_TIME.pack(off, timestamp_ms)
+        crc = zlib.crc32(msg, zlib.crc32(tail))
+        append(_HDR.pack(_MIN_LENGTH + len(msg), crc, off, timestamp_ms))
+        append(msg)
+        off += 1
+    return b"".join(parts)
+
+
+def _check(buf, pos: int, end: int, expected: int):
+    """Return (length, offset, time) of a valid record at ``pos`` or None."""
+    if end - pos < HEADER_SIZE:
+        return None
+    length, crc, off, ts = _unpack_hdr(buf, pos)
+    if length < _MIN_LENGTH or length > end - pos - 4:
+        return None
+    if expected >= 0 and off != expected:
+        return None
+    if zlib.crc32(memoryview(buf)[pos + 8:pos + 4 + length]) != crc:
+        return None
+    return length, off, ts
+
+
+def scan_records(buf, expected_offset: int, start: int = 0):
+    """Validate records from ``start``; stop at the first invalid one.
+
+    Returns ``(count, valid_end)``: how many valid records follow ``start``
+    with contiguous offsets from ``expected_offset``, and the byte position
+    just after the last of them. Recovery truncates a segment to
+    ``valid_end``: the longest valid prefix.
+    """
+    end = len(buf)
+    pos = start
+    count = 0
+    expected = expected_offset
+    while True:
+        rec = _check(buf, pos, end, expected)
+        if rec is None:
+            return count, pos
+        pos += 4 + rec[0]
+        count += 1
+        expected += 1
+
+
+def index_entries(buf, base_position: int, next_index_position: int,
+                  interval: int, segment_base_offset: int):
+    """Sparse index entries for the records in ``buf`` (assumed valid).
+
+    ``buf`` is appended to a segment at byte ``base_position``. An entry
+    ``[u32 offset - segment_base_offset][u32 position]`` is emitted for each
+    record starting at or after ``next_index_position``, after which the
+    next one is due ``interval`` bytes later. Returns ``(entries, next)``.
+    """
+    end = len(buf)
+    pos = 0
+    parts = []
+    due = next_index_position
+    while end - pos >= HEADER_SIZE:
+        length, _crc, off, _ts = _unpack_hdr(buf, pos)
+        where = base_position + pos
+        if where >= due:
+            parts.append(_INDEX_ENTRY.pack(off - segment_base_offset, where))
+            due = where + interval
+        pos += 4 + length
+    return b"".join(parts), due
+
+
+def decode_records(buf, from_offset: int, end_offset: int, start: int = 0):
+    """Decode valid records with ``from_offset <= offset < end_offset``.
+
+    ``buf[start:]`` must begin at a record boundary. Returns
+    ``(records, position)`` where records is a list of
+    ``(offset, time_ms, payload)`` and position is where decoding stopped
+    (an incomplete record, ``end_offset`` reached, or the end of ``buf``).
+    A complete record that fails its checks raises :class:`CorruptRecordError`.
+    """
+    out = []
+    pos = start
+    end = len(buf)
+    while end - pos >= HEADER_SIZE:
+        length, _crc, off, ts = _unpack_hdr(buf, pos)
+        if length < _MIN_LENGTH:
+            raise CorruptRecordError(pos, "length %d below minimum" % length)
+        if length > end - pos - 4:
+            break
+        if off >= end_offset:
+            break
+        if _check(buf, pos, end, -1) is None:
+            raise CorruptRecordError(pos, "checksum mismatch")
+        if off >= from_offset:
+            out.append((off, ts, bytes(buf[pos + HEADER_SIZE:pos + 4 + length])))
+        pos += 4 + length
+    return out, pos
+
+
+def records_to_deliveries(buf, topic, from_offset: int, end_offset: int,
+                          max_bytes: int, start: int = 0):
+    """Turn stored records into v0 delivery frames, verifying each CRC.
+
+    Like :func:`decode_records`, but the output is the bytes to write to a
+    v0 consumer: ``[u32 len]["topic payload"]`` per record with
+    ``from_offset <= offset < end_offset``, stopping before the output
+    would exceed ``max_bytes`` (at least one record is always taken).
+    Returns ``(frames, count, next_offset, position)``: next_offset is the
+    offset after the last record consumed (delivered or skipped) and
+    ``from_offset`` when none was.
+    """
+    prefix = bytes(topic) + b" "
+    plen = len(prefix)
+    parts = []
+    size = 0
+    count = 0
+    nxt = from_offset
+    pos = start
+    end = len(buf)
+    while end - pos >= HEADER_SIZE:
+        length, _crc, off, _ts = _unpack_hdr(buf, pos)
+        if length < _MIN_LENGTH:
+            raise CorruptRecordError(pos, "length %d below minimum" % length)
+        if length > end - pos - 4 or off >= end_offset:
+            break
+        if _check(buf, pos, end, -1) is None:
+            raise CorruptRecordError(pos, "checksum mismatch")
+        if off >= from_offset:
+            n = length - _MIN_LENGTH
+            if count and size + 4 + plen + n > max_bytes:
+                break
+            parts.append(_pack_len(plen + n))
+            parts.append(prefix)
+            parts.append(buf[pos + HEADER_SIZE:pos + 4 + length])
+            size += 4 + plen + n
+            count += 1
+        nxt = off + 1
+        pos += 4 + length
+    return b"".join(parts), count, max(nxt, from_offset), pos

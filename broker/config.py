@@ -1,0 +1,51 @@
+"""Broker settings, with their defaults in one place.
+
+The CLI fills a :class:`Config` from its options (each also readable from a
+``PYLOGSTREAMS_*`` environment variable); embedding code builds one directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["Config", "FSYNC_POLICIES"]
+
+FSYNC_POLICIES = ("always", "interval", "never")
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything the broker can be told. Defaults match the prototype's."""
+
+    host: str = "127.0.0.1"               # loopback by default: opt in to exposure
+    port: int = 1234                      # the prototype's port; 0 picks a free one
+    data_dir: str = "./data"              # logs, indexes and consumer offsets
+    heartbeat_timeout: float = 120.0      # seconds of silence before a client is closed
+    segment_bytes: int = 64 * 1024 * 1024  # a segment rolls once it reaches this size
+    index_interval_bytes: int = 4096      # one sparse index entry per this many log bytes
+    max_frame_bytes: int = 1024 * 1024    # largest frame body a client may send
+    fsync: str = "interval"               # always | interval | never
+    fsync_interval_ms: int = 1000         # with fsync="interval": the most data may wait
+    # Flow control. Producers are paused while more than this many published
+    # bytes wait for the disk thread, and resumed below the low mark.
+    append_high_water: int = 16 * 1024 * 1024
+    append_low_water: int = 4 * 1024 * 1024
+    # A consumer's transport stops receiving deliveries above this many
+    # buffered bytes, until it drains below the low mark.
+    write_high_water: int = 1024 * 1024
+    write_low_water: int = 256 * 1024
+    delivery_chunk_bytes: int = 256 * 1024  # bytes read from the log per delivery step
+
+    def __post_init__(self) -> None:
+        if self.fsync not in FSYNC_POLICIES:
+            raise ValueError("fsync must be one of %s" % ", ".join(FSYNC_POLICIES))
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be in 0..65535")
+        if self.heartbeat_timeout <= 0:
+            raise ValueError("heartbeat_timeout must be positive")
+        if self.segment_bytes < 1024:
+            raise ValueError("segment_bytes must be at least 1024")
+        if self.max_frame_bytes < 16:
+            raise ValueError("max_frame_bytes must be at least 16")
+        if self.max_frame_bytes > 0x7FFFFFFF:
+            raise ValueError("max_frame_bytes must fit in 31 bits")

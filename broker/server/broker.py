@@ -1,0 +1,158 @@
+"""The broker: listener, storage, disk thread, client registry, statistics.
+
+Data flow (see docs/design.md for the picture)::
+
+    socket -> Connection.data_received -> codec FrameReader (one call per chunk)
+           -> Broker.publish -> DiskWriter.append (pending, per topic)
+           -> disk thread: encode records, pwrite, fsync policy
+           -> loop: TopicLog.written -> Broker._on_written -> wake subscribers
+           -> Connection._pump -> TopicLog.read + records_to_deliveries -> transport.write
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+
+from .. import codec
+from ..config import Config
+from ..storage import DiskWriter, LogStore, TopicLog
+from ..topics import validate_topic
+from .connection import Connection
+
+__all__ = ["Broker"]
+
+log = logging.getLogger(__name__)
+
+_CLOSE_GRACE = 5.0  # seconds connections get to flush their buffers on shutdown
+
+
+class Broker:
+    """A pylogstreams broker serving one data directory on one address."""
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or Config()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.store = LogStore(self.config.data_dir, self.config.segment_bytes,
+                              self.config.index_interval_bytes)
+        self.writer: DiskWriter | None = None
+        self.connections: set[Connection] = set()
+        self.clients: dict[bytes, Connection] = {}   # client id -> connection speaking for it
+        self._topics: dict[bytes, TopicLog] = {}     # wire name -> log, for validated names
+        self._server: asyncio.AbstractServer | None = None
+        self._closed: asyncio.Future | None = None   # resolved when all connections are gone
+        self.port: int | None = None                 # bound port once started
+        self.counters: collections.Counter = collections.Counter()  # events by kind
+
+    # -- life cycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        cfg = self.config
+        self.store.open()
+        self.writer = DiskWriter(
+            self.loop, self.store.offsets, fsync=cfg.fsync,
+            fsync_interval_ms=cfg.fsync_interval_ms, high_water=cfg.append_high_water,
+            low_water=cfg.append_low_water, on_written=self._on_written)
+        self.writer.start()
+        self._server = await self.loop.create_server(
+            lambda: Connection(self), cfg.host, cfg.port, reuse_address=True, backlog=4096)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("serving on %s:%d, data dir %s, codec %s, loop %s", cfg.host, self.port,
+                 self.store.data_dir, codec.IMPLEMENTATION, type(self.loop).__module__)
+
+    async def stop(self) -> None:
+        """Stop accepting, let connections flush, write and fsync everything."""
+        if self._server is None:
+            return
+        self._server.close()
+        for conn in list(self.connections):
+            conn.transport.pause_reading()
+            conn.stop_delivery()
+            conn.transport.close()
+        if self.connections:
+            self._closed = self.loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._closed), _CLOSE_GRACE)
+            except asyncio.TimeoutError:
+                for conn in list(self.connections):
+                    conn.transport.abort()
+        await self._server.wait_closed()
+        await self.writer.close()
+        self.store.close()
+        self._server = None
+        log.info("stopped; everything written and synced")
+
+    # -- used by connections -------------------------------------------------
+
+    def connection_made(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        self.counters["connections_accepted"] += 1
+
+    def connection_lost(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        if conn.client_id is not None and self.clients.get(conn.client_id) is conn:
+            del self.clients[conn.client_id]
+        self.writer.forget(conn.transport)
+        if self._closed is not None and not self.connections and not self._closed.done():
+            self._closed.set_result(None)
+
+    def bind_client(self, conn: Connection, client_id: bytes) -> None:
+        """``conn`` speaks for ``client_id``; an older connection is superseded."""
+        old = self.clients.get(client_id)
+        if old is not None and old is not conn:
+            log.info("client %s reconnected from %s; delivery to %s stopped",
+                     client_id[:64], conn.peer, old.peer)
+            old.stop_delivery()
+            old.client_id = None
+            self.counters["superseded"] += 1
+        if conn.client_id is not None and self.clients.get(conn.client_id) is conn:
+            del self.clients[conn.client_id]
+        conn.client_id = client_id
+        self.clients[client_id] = conn
+
+    def topic(self, name: bytes) -> TopicLog:
+        """The log for a wire topic name; validates and creates on first use."""
+        topic = self._topics.get(name)
+        if topic is None:
+            topic = self.store.get_or_create(validate_topic(name))
+            self._topics[name] = topic
+        return topic
+
+    def publish(self, topic: TopicLog, messages: list, nbytes: int, transport) -> None:
+        topic.next_offset += len(messages)
+        self.counters["messages_in"] += len(messages)
+        self.writer.append(topic, messages, nbytes, transport)
+
+    def commit_offset(self, client_id: bytes, topic: str, offset: int) -> None:
+        offsets = self.store.offsets
+        offsets.set(client_id, topic, offset)
+        if offsets.dirty:
+            self.writer.offsets_changed()
+
+    def _on_written(self, topic: TopicLog) -> None:
+        for sub in topic.subscribers:
+            sub.conn.schedule_delivery()
+
+    # -- introspection -------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Counters and gauges, for tests, logs and (later) metrics."""
+        out = dict(self.counters)
+        conns = self.connections
+        out.update(
+            connections=len(conns),
+            subscriptions=sum(len(c.subs) for c in conns),
+            pending_pumps=sum(1 for c in conns if c._pump_handle is not None),
+            timers=sum(1 for c in conns if c._timer is not None),
+            topics=len(self.store.topics),
+            pending_bytes=self.writer.pending_bytes if self.writer else 0,
+            codec=codec.IMPLEMENTATION,
+        )
+        if self.writer:
+            out.update({"disk_" + k: v for k, v in self.writer.stats.items()})
+        for key in ("messages_in", "messages_out", "bad_crc", "bad_frames", "unknown_commands",
+                    "invalid_topics", "malformed"):
+            out.setdefault(key, 0)
+        return out

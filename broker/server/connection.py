@@ -1,0 +1,309 @@
+"""One client connection: v0 framing, command handlers, delivery, liveness.
+
+``data_received`` feeds the codec once and hands every complete frame to
+its handler, in order. Consecutive PUBs to one topic arrive as one event
+(the codec coalesces them), so publishing costs Python work per batch.
+
+All per-connection work is attached to this object and nothing else: one
+delivery callback handle, one heartbeat timer handle and the subscriptions.
+``connection_lost`` cancels the handles and detaches the subscriptions, so
+nothing keeps running for a client that is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import uuid
+
+from ..codec import frames, records
+from ..topics import InvalidTopic
+from .delivery import Subscription
+
+__all__ = ["Connection"]
+
+log = logging.getLogger(__name__)
+
+_MAX_CLIENT_ID = 255   # bytes; longer CID arguments are refused
+_MAX_COMPLAINTS = 5    # bad-input warnings logged per connection before going quiet
+_PUMP_BUDGET = 4       # delivery chunks per callback before yielding to other clients
+
+OP_CLOSE = frames.OP_CLOSE
+OP_REG = frames.OP_REG
+OP_CID = frames.OP_CID
+OP_PUB = frames.OP_PUB
+
+
+class Connection(asyncio.Protocol):
+    """The broker's side of one TCP connection speaking protocol v0."""
+
+    def __init__(self, broker) -> None:
+        self.broker = broker                  # the Broker that accepted us
+        self.loop = broker.loop
+        cfg = broker.config
+        self.reader = frames.FrameReader(cfg.max_frame_bytes)  # incremental frame scanner
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"                       # "host:port" for log lines
+        self.client_id: bytes | None = None   # set by REG or CID
+        self.subs: dict[str, Subscription] = {}  # topic name -> subscription
+        self.last_seen = 0.0                  # loop.time() of the last bytes received
+        self.write_paused = False             # transport above its high-water mark
+        self.closed = False                   # connection_lost has run
+        self._pump_handle: asyncio.Handle | None = None   # scheduled delivery callback
+        self._timer: asyncio.TimerHandle | None = None    # heartbeat check
+        self._sent = 0                        # bytes handed to the transport so far
+        self._marks: collections.deque = collections.deque()  # (sent, sub, offset) uncommitted
+        self._complaints = 0                  # bad-input warnings logged so far
+        self._handlers = {
+            frames.OP_PNG: self._on_png,
+            frames.OP_CID: self._on_cid,
+            frames.OP_SUB: self._on_sub,
+            frames.OP_SET: self._on_set,
+            frames.OP_REG: self._on_reg,
+            frames.OP_CLOSE: self._on_close,
+            frames.OP_BADCRC: self._on_badcrc,
+            frames.OP_UNKNOWN: self._on_unknown,
+            frames.OP_MALFORMED: self._on_malformed,
+            frames.OP_ERROR: self._on_error,
+        }
+
+    # -- asyncio.Protocol --------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = "%s:%s" % (peer[0], peer[1])
+        cfg = self.broker.config
+        transport.set_write_buffer_limits(high=cfg.write_high_water, low=cfg.write_low_water)
+        self.last_seen = self.loop.time()
+        self._timer = self.loop.call_at(self.last_seen + cfg.heartbeat_timeout, self._check_alive)
+        self.broker.connection_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = self.loop.time()
+        events = self.reader.feed(data)
+        if not events:
+            return
+        nbytes = len(data)
+        for op, a, b in events:
+            if self.closed:
+                return
+            if op == OP_PUB:
+                if self.client_id is None:
+                    self._refuse_unidentified()
+                    return
+                self._on_pub(a, b, nbytes)
+                nbytes = 0  # the whole chunk is accounted to the first batch
+                continue
+            if self.client_id is None and op not in (OP_REG, OP_CID, OP_CLOSE) \
+                    and op != frames.OP_ERROR:
+                self._refuse_unidentified()
+                return
+            self._handlers[op](a, b)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        if self._pump_handle is not None:
+            self._pump_handle.cancel()
+            self._pump_handle = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._commit_sent()
+        self._marks.clear()
+        for sub in self.subs.values():
+            sub.topic.subscribers.discard(sub)
+        self.subs.clear()
+        self.broker.connection_lost(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._commit_sent()
+        self.schedule_delivery()
+
+    # -- commands ------------------------------------------------------------
+
+    def _on_pub(self, topic_name: bytes, messages: list, nbytes: int) -> None:
+        topic = self._topic(topic_name, "PUB")
+        if topic is None:
+            return
+        self.broker.publish(topic, messages, nbytes, self.transport)
+
+    def _on_reg(self, a, b) -> None:
+        client_id = str(uuid.uuid4()).encode("ascii")
+        self.broker.bind_client(self, client_id)
+        self.transport.write(frames.encode_frame(client_id))
+
+    def _on_cid(self, client_id: bytes, b) -> None:
+        if len(client_id) > _MAX_CLIENT_ID:
+            self._complain("malformed", "CID longer than %d bytes" % _MAX_CLIENT_ID)
+            return
+        if client_id != self.client_id:
+            self.stop_delivery()  # its offsets belonged to the previous id
+        self.broker.bind_client(self, client_id)
+
+    def _on_sub(self, topic_name: bytes, b) -> None:
+        topic = self._topic(topic_name, "SUB")
+        if topic is None or topic.name in self.subs:
+            return
+        stored = self.broker.store.offsets.get(self.client_id, topic.name)
+        start = topic.start_offset if stored is None else stored
+        sub = Subscription(self, topic, start)
+        self.subs[topic.name] = sub
+        topic.subscribers.add(sub)
+        self.schedule_delivery()
+
+    def _on_set(self, topic_name: bytes, value: bytes, *, _max=1 << 63) -> None:
+        try:
+            requested = int(value)
+        except ValueError:
+            requested = None
+        if requested is None or requested < -1 or requested >= _max:
+            self._complain("malformed", "SET offset %r is not 0, -1 or an offset" % value[:32])
+            return
+        topic = self._topic(topic_name, "SET")
+        if topic is None:
+            return
+        if requested == 0:
+            offset = topic.start_offset
+        elif requested == -1:
+            offset = topic.next_offset
+        else:
+            offset = min(max(requested, topic.start_offset), topic.next_offset)
+        sub = self.subs.get(topic.name)
+        if sub is not None:
+            # Deliveries still in our buffer were for the old position.
+            self._marks = collections.deque(m for m in self._marks if m[1] is not sub)
+            sub.offset = offset
+        self.broker.commit_offset(self.client_id, topic.name, offset)
+        self.schedule_delivery()
+
+    def _on_png(self, a, b) -> None:
+        pass  # v0: liveness only (last_seen is already updated), no reply
+
+    def _on_close(self, a, b) -> None:
+        self.transport.close()
+
+    def _on_badcrc(self, topic_name: bytes, length: int) -> None:
+        self.broker.counters["bad_crc"] += 1
+        self._complain("bad_crc", "PUB to %r: CRC mismatch, %d-byte message not stored"
+                       % (topic_name[:64], length))
+
+    def _on_unknown(self, head: bytes, b) -> None:
+        self.broker.counters["unknown_commands"] += 1
+        self._complain("unknown", "unknown command %r ignored" % head)
+
+    def _on_malformed(self, command: bytes, reason: str) -> None:
+        self.broker.counters["malformed"] += 1
+        self._complain("malformed", reason)
+
+    def _on_error(self, reason: str, b) -> None:
+        self.broker.counters["bad_frames"] += 1
+        log.warning("%s: %s; closing the connection", self.peer, reason)
+        self.transport.abort()
+
+    # -- helpers -------------------------------------------------------------
+
+    def _topic(self, name: bytes, command: str):
+        try:
+            return self.broker.topic(name)
+        except InvalidTopic as exc:
+            self.broker.counters["invalid_topics"] += 1
+            self._complain("invalid_topic", "%s refused: %s" % (command, exc))
+            return None
+
+    def _refuse_unidentified(self) -> None:
+        self.broker.counters["unidentified"] += 1
+        log.warning("%s: command before REG or CID; closing the connection", self.peer)
+        self.transport.abort()
+
+    def _complain(self, kind: str, message: str) -> None:
+        self._complaints += 1
+        if self._complaints <= _MAX_COMPLAINTS:
+            log.warning("%s: %s", self.peer, message)
+            if self._complaints == _MAX_COMPLAINTS:
+                log.warning("%s: further bad input from this connection is counted, not logged",
+                            self.peer)
+
+    def _check_alive(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        timeout = self.broker.config.heartbeat_timeout
+        deadline = self.last_seen + timeout
+        if self.loop.time() >= deadline:
+            self.broker.counters["heartbeat_timeouts"] += 1
+            log.info("%s: silent for %.0f s, closing", self.peer, timeout)
+            self.transport.abort()
+            return
+        self._timer = self.loop.call_at(deadline, self._check_alive)
+
+    # -- delivery ------------------------------------------------------------
+
+    def stop_delivery(self) -> None:
+        """Stop all push delivery at once (superseded by a newer connection)."""
+        self._commit_sent()
+        self._marks.clear()
+        for sub in self.subs.values():
+            sub.topic.subscribers.discard(sub)
+        self.subs.clear()
+        if self._pump_handle is not None:
+            self._pump_handle.cancel()
+            self._pump_handle = None
+
+    def schedule_delivery(self) -> None:
+        if self._pump_handle is None and not self.write_paused and not self.closed and self.subs:
+            self._pump_handle = self.loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        self._pump_handle = None
+        if self.closed:
+            return
+        transport = self.transport
+        chunk = self.broker.config.delivery_chunk_bytes
+        budget = _PUMP_BUDGET
+        more = False
+        for sub in list(self.subs.values()):
+            while budget and sub.behind and not self.write_paused:
+                try:
+                    got = sub.read(chunk)
+                except records.CorruptRecordError as exc:
+                    self.broker.counters["corrupt_reads"] += 1
+                    log.error("%s: topic %s: %s; delivery of this topic stopped",
+                              self.peer, sub.topic.name, exc)
+                    sub.topic.subscribers.discard(sub)
+                    del self.subs[sub.topic.name]
+                    break
+                if got is None:
+                    break
+                out, count, nxt = got
+                transport.write(out)
+                self._sent += len(out)
+                self._marks.append((self._sent, sub, nxt))
+                sub.offset = nxt
+                self.broker.counters["messages_out"] += count
+                budget -= 1
+            if sub.behind:
+                more = True
+            if self.write_paused or not budget:
+                break
+        self._commit_sent()
+        if more:
+            self.schedule_delivery()
+
+    def _commit_sent(self) -> None:
+        """Commit the offsets of deliveries that have left our write buffer."""
+        marks = self._marks
+        if not marks or self.transport is None:
+            return
+        flushed = self._sent - self.transport.get_write_buffer_size()
+        commit = self.broker.commit_offset
+        cid = self.client_id
+        while marks and marks[0][0] <= flushed:
+            _, sub, offset = marks.popleft()
+            commit(cid, sub.topic.name, offset)

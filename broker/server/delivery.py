@@ -1,0 +1,48 @@
+"""Push delivery of one topic to one connection.
+
+A :class:`Subscription` is woken when its topic's log grows (or when its
+connection can take more data) and turns stored records straight into v0
+delivery frames in one codec call per chunk. It never polls: the writer
+calls ``Connection.schedule_delivery`` after each completed write.
+
+Offsets are committed only for deliveries that have left the transport's
+buffer for the kernel: each write records a *mark* (bytes written so far
+on the connection, offset after the batch) and a mark is committed once
+the transport's write buffer no longer holds any of its bytes. A client
+that vanishes therefore gets again, on reconnect, what was still sitting
+in our buffer; it never loses what we never sent.
+"""
+
+from __future__ import annotations
+
+from ..codec import records
+from ..storage import TopicLog
+
+__all__ = ["Subscription"]
+
+_to_v0 = records.records_to_deliveries
+
+
+class Subscription:
+    """One topic delivered to one connection from ``offset`` on."""
+
+    __slots__ = ("conn", "topic", "offset", "convert")
+
+    def __init__(self, conn, topic: TopicLog, offset: int) -> None:
+        self.conn = conn              # the Connection receiving the messages
+        self.topic = topic            # the log read from
+        self.offset = offset          # next offset to write to the transport
+        name = topic.name_bytes
+
+        def convert(buf, from_offset, end_offset, max_bytes):
+            return _to_v0(buf, name, from_offset, end_offset, max_bytes)
+
+        self.convert = convert        # stored records -> v0 frames, one call per chunk
+
+    @property
+    def behind(self) -> bool:
+        return self.offset < self.topic.end_offset
+
+    def read(self, max_bytes: int):
+        """The next chunk of frames: ``(frames, count, next_offset)`` or None."""
+        return self.topic.read(self.offset, max_bytes, self.convert)
