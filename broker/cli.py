@@ -20,37 +20,37 @@ from .config import FSYNC_POLICIES, Config
 _DEFAULTS = Config()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "PYLOGSTREAMS"})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pylogstreams")
 def main() -> None:
     """pylogstreams: a persistent publish/subscribe log broker."""
 
 
 @main.command()
-@click.option("--host", default=_DEFAULTS.host, show_default=True, show_envvar=True,
+@click.option("--host", envvar="PYLOGSTREAMS_HOST", default=_DEFAULTS.host, show_default=True, show_envvar=True,
               help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=_DEFAULTS.port, show_default=True,
+@click.option("--port", envvar="PYLOGSTREAMS_PORT", type=click.IntRange(0, 65535), default=_DEFAULTS.port, show_default=True,
               show_envvar=True, help="TCP port; 0 picks a free one.")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=_DEFAULTS.data_dir,
+@click.option("--data-dir", envvar="PYLOGSTREAMS_DATA_DIR", type=click.Path(file_okay=False), default=_DEFAULTS.data_dir,
               show_default=True, show_envvar=True, help="Where logs and offsets are kept.")
-@click.option("--pure", is_flag=True, default=False, show_envvar=True,
+@click.option("--pure", envvar="PYLOGSTREAMS_PURE", is_flag=True, default=False, show_envvar=True,
               help="Use the pure-Python codec (same as PYLOGSTREAMS_NO_EXTENSIONS=1).")
-@click.option("--heartbeat-timeout", type=click.FloatRange(min=0.01), show_envvar=True,
+@click.option("--heartbeat-timeout", envvar="PYLOGSTREAMS_HEARTBEAT_TIMEOUT", type=click.FloatRange(min=0.01), show_envvar=True,
               default=_DEFAULTS.heartbeat_timeout, show_default=True,
               help="Seconds of silence after which a client is disconnected.")
-@click.option("--segment-bytes", type=click.IntRange(1024, 1 << 30), show_envvar=True,
+@click.option("--segment-bytes", envvar="PYLOGSTREAMS_SEGMENT_BYTES", type=click.IntRange(1024, 1 << 30), show_envvar=True,
               default=_DEFAULTS.segment_bytes, show_default=True,
               help="Roll a topic's segment file at this size.")
-@click.option("--max-frame-bytes", type=click.IntRange(16, 0x7FFFFFFF), show_envvar=True,
+@click.option("--max-frame-bytes", envvar="PYLOGSTREAMS_MAX_FRAME_BYTES", type=click.IntRange(16, 0x7FFFFFFF), show_envvar=True,
               default=_DEFAULTS.max_frame_bytes, show_default=True,
               help="Largest frame a client may send; larger closes the connection.")
-@click.option("--fsync", type=click.Choice(FSYNC_POLICIES), default=_DEFAULTS.fsync,
+@click.option("--fsync", envvar="PYLOGSTREAMS_FSYNC", type=click.Choice(FSYNC_POLICIES), default=_DEFAULTS.fsync,
               show_default=True, show_envvar=True,
               help="always: every batch is fsynced before it is delivered; interval: at most "
                    "--fsync-interval-ms apart; never: the OS decides.")
-@click.option("--fsync-interval-ms", type=click.IntRange(1), default=_DEFAULTS.fsync_interval_ms,
+@click.option("--fsync-interval-ms", envvar="PYLOGSTREAMS_FSYNC_INTERVAL_MS", type=click.IntRange(1), default=_DEFAULTS.fsync_interval_ms,
               show_default=True, show_envvar=True, help="With --fsync interval.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+@click.option("--log-level", envvar="PYLOGSTREAMS_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True, show_envvar=True)
 def serve(pure: bool, log_level: str, **options) -> None:
     """Run the broker until SIGTERM or SIGINT (Ctrl-C)."""
