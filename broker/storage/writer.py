@@ -42,10 +42,11 @@ _STOP = object()
 class _Job:
     """One unit of work for the disk thread, and its results."""
 
-    __slots__ = ("appends", "offsets", "results", "errors", "sync")
+    __slots__ = ("appends", "acks", "offsets", "results", "errors", "sync")
 
-    def __init__(self, appends, offsets, sync: bool) -> None:
+    def __init__(self, appends, acks, offsets, sync: bool) -> None:
         self.appends = appends  # [(TopicLog, messages, base_offset)]
+        self.acks = acks        # [(callback, TopicLog, base_offset, count)] to call when done
         self.offsets = offsets  # {(client_id, topic): offset} to persist
         self.sync = sync        # fsync everything written before reporting
         self.results = []       # [(TopicLog, TopicLog.append() result)]
@@ -86,18 +87,24 @@ class DiskWriter:
     def pending_bytes(self) -> int:
         return self._pending_bytes
 
-    def append(self, topic: TopicLog, messages: list, nbytes: int, transport=None) -> None:
+    def append(self, topic: TopicLog, messages: list, nbytes: int, transport=None,
+               on_stored: Callable | None = None) -> None:
         """Queue ``messages`` (a list of bytes) for ``topic``.
 
         ``nbytes`` is their size as the caller measured it (per batch, not
         per message). If the backlog is over the high-water mark and a
         transport is given, that transport stops reading until it drains.
+        ``on_stored(base_offset, count, error)`` is called in the loop once
+        the batch is written (and fsynced, under ``fsync="always"``), with
+        the offset of its first message, or with ``base_offset=None`` and
+        the OSError if it could not be stored.
         """
+        entry = (messages, on_stored)
         lists = self._pending.get(topic)
         if lists is None:
-            self._pending[topic] = [messages]
+            self._pending[topic] = [entry]
         else:
-            lists.append(messages)
+            lists.append(entry)
         self._pending_bytes += nbytes
         if self._pending_bytes > self._high and transport is not None \
                 and transport not in self._paused:
@@ -132,12 +139,24 @@ class DiskWriter:
         if not self._pending and not self._offsets.dirty:
             return
         appends = []
-        for topic, lists in self._pending.items():
-            msgs = lists[0] if len(lists) == 1 else [m for lst in lists for m in lst]
-            appends.append((topic, msgs, topic.end_offset))
+        acks = []
+        for topic, entries in self._pending.items():
+            base = topic.end_offset
+            if len(entries) == 1:
+                msgs = entries[0][0]
+            else:
+                msgs = []
+                for lst, _ in entries:
+                    msgs.extend(lst)
+            start = base
+            for lst, cb in entries:
+                if cb is not None:
+                    acks.append((cb, topic, start, len(lst)))
+                start += len(lst)
+            appends.append((topic, msgs, base))
         self._pending = {}
         self._job_bytes = self._pending_bytes
-        job = _Job(appends, self._offsets.take_dirty(), self._fsync == "always")
+        job = _Job(appends, acks, self._offsets.take_dirty(), self._fsync == "always")
         self._in_flight = True
         self._queue.put_nowait(job)
 
@@ -148,11 +167,19 @@ class DiskWriter:
         for topic, result in job.results:
             topic.written(*result)
             self._on_written(topic)
+        failed = {}
         for topic, count, exc in job.errors:
+            failed[topic] = exc
             self.stats["write_errors"] += 1
             topic.next_offset -= count  # those offsets were never assigned
             log.error("append to topic %s failed, %d messages not stored: %s",
                       topic.name, count, exc)
+        for cb, topic, base, count in job.acks:
+            exc = failed.get(topic)
+            try:
+                cb(None if exc else base, count, exc)
+            except Exception:
+                log.exception("on_stored callback failed")
         if self._paused and self._pending_bytes <= self._low:
             paused, self._paused = self._paused, set()
             for transport in paused:
