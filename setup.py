@@ -12,7 +12,7 @@ import sys
 
 from setuptools import setup
 
-EXTENSIONS = ["frames", "records"]
+EXTENSIONS = ["frames", "records", "wire1"]
 
 
 def _flag(name: str) -> bool:

@@ -7,4 +7,13 @@ offsets. Run one with ``pylogstreams serve``; embed one with
 """
 
 __version__ = "0.1.0"
-__all__ = ["__version__"]
+__all__ = ["__version__", "Client", "AsyncClient", "Message"]
+
+
+def __getattr__(name):
+    # Lazy, so that `import broker` doesn't load the codec before
+    # `pylogstreams serve --pure` has had a chance to choose it.
+    if name in ("Client", "AsyncClient", "Message"):
+        from . import client
+        return getattr(client, name)
+    raise AttributeError("module 'broker' has no attribute %r" % name)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 
-__all__ = ["IMPLEMENTATION", "NO_EXTENSIONS", "frames", "records"]
+__all__ = ["IMPLEMENTATION", "NO_EXTENSIONS", "frames", "records", "wire1"]
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +28,13 @@ def _no_extensions() -> bool:
 NO_EXTENSIONS: bool = _no_extensions()
 
 if NO_EXTENSIONS:
-    from ._pure import frames, records
+    from ._pure import frames, records, wire1
     IMPLEMENTATION = "python"
 else:
     try:
-        from ._speedups import frames, records
+        from ._speedups import frames, records, wire1
         IMPLEMENTATION = "cython"
     except ImportError as exc:  # pragma: no cover - depends on the build
         log.warning("Cython codec unavailable (%s); using the pure-Python codec", exc)
-        from ._pure import frames, records
+        from ._pure import frames, records, wire1
         IMPLEMENTATION = "python"

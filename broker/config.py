@@ -35,6 +35,14 @@ class Config:
     write_high_water: int = 1024 * 1024
     write_low_water: int = 256 * 1024
     delivery_chunk_bytes: int = 256 * 1024  # bytes read from the log per delivery step
+    # Storage (docs/storage.md). Retention and fsync settings are per-topic
+    # defaults: LogStore.set_topic_config overrides them for one topic.
+    retention_ms: int = 7 * 24 * 3600 * 1000  # delete sealed segments older than this; -1: never
+    retention_bytes: int = -1             # keep each topic at most this big; -1: no limit
+    retention_check_interval_ms: int = 30_000  # how often retention runs
+    checkpoint_interval_ms: int = 10_000  # recovery checkpoint at most this often (after fsyncs)
+    max_open_segments: int = 256          # segment files open for reading, broker-wide (LRU)
+    max_open_writers: int = 128           # active segments open for appending (2 fds each, LRU)
 
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:

@@ -25,7 +25,7 @@ import zlib
 
 __all__ = [
     "OP_CLOSE", "OP_REG", "OP_CID", "OP_SUB", "OP_SET", "OP_PUB", "OP_PNG",
-    "OP_BADCRC", "OP_UNKNOWN", "OP_MALFORMED", "OP_ERROR",
+    "OP_BADCRC", "OP_UNKNOWN", "OP_MALFORMED", "OP_ERROR", "OP_HEL",
     "FrameReader", "crc32", "encode_frame", "encode_pub", "encode_deliveries",
 ]
 
@@ -41,6 +41,7 @@ OP_BADCRC = 7     # (OP_BADCRC, topic: bytes, message_length: int)  not stored
 OP_UNKNOWN = 8    # (OP_UNKNOWN, first bytes of the body (<= 16), None)
 OP_MALFORMED = 9  # (OP_MALFORMED, command: bytes, reason: str)
 OP_ERROR = 10     # (OP_ERROR, reason: str, None): framing broken, reader stops
+OP_HEL = 11       # (OP_HEL, None, None): a first frame of type HEL; call detach()
 
 _U32 = struct.Struct(">I")
 _unpack_u32 = _U32.unpack_from
@@ -60,7 +61,7 @@ class FrameReader:
     reader returns an ``OP_ERROR`` event and ignores all later input.
     """
 
-    __slots__ = ("max_frame_bytes", "_buf", "_need", "_broken")
+    __slots__ = ("max_frame_bytes", "_buf", "_need", "_broken", "_started", "_detached")
 
     def __init__(self, max_frame_bytes: int = 1 << 20) -> None:
         if max_frame_bytes < 16:
@@ -69,6 +70,8 @@ class FrameReader:
         self._buf = bytearray()                  # unparsed remainder
         self._need = 0                           # bytes the buffered frame needs, at least
         self._broken = False                     # set once OP_ERROR is emitted
+        self._started = False                    # the first frame's command has been seen
+        self._detached = False                   # stopped at a first-frame HEL (see detach)
 
     @property
     def buffered(self) -> int:
@@ -84,6 +87,9 @@ class FrameReader:
         if self._broken:
             return []
         buf = self._buf
+        if self._detached:
+            buf += data
+            return []
         if buf:
             buf += data
             if len(buf) < self._need:
@@ -92,7 +98,9 @@ class FrameReader:
                 return []
             view = bytes(buf)
         else:
-            view = data if type(data) is bytes else bytes(data)
+            # bytes(memoryview(...)), not bytes(data): bytes(5) would be
+            # five zero bytes, i.e. a "close" frame, not a TypeError.
+            view = data if type(data) is bytes else bytes(memoryview(data))
         events: list = []
         pos = self._scan(view, events)
         if self._broken or pos == len(view):
@@ -102,6 +110,20 @@ class FrameReader:
         else:
             buf += memoryview(view)[pos:]
         return events
+
+    def detach(self) -> bytes:
+        """After OP_HEL: every byte from the HEL frame on, for the v1 reader.
+
+        A first frame of type ``HEL`` opts the connection into protocol v1;
+        the reader stops in front of it. The reader is finished afterwards.
+        """
+        if not self._detached:
+            raise RuntimeError("detach() is only possible after an OP_HEL event")
+        rest = bytes(self._buf)
+        self._buf.clear()
+        self._detached = False
+        self._broken = True
+        return rest
 
     def _scan(self, data: bytes, events: list) -> int:
         """Parse whole frames from ``data``; return bytes consumed."""
@@ -122,6 +144,15 @@ class FrameReader:
                 self._broken = True
                 return pos
             start = pos + 4
+            if not self._started:
+                if n >= 3 and end - pos < 7:
+                    self._need = 7
+                    return pos
+                self._started = True
+                if n >= 3 and data[start:start + 3] == b"HEL":
+                    events.append((OP_HEL, None, None))
+                    self._detached = True
+                    return pos
             is_pub = n >= 3 and data[start:start + 3] == b"PUB"
             total = 4 + n + (4 if is_pub else 0)
             if end - pos < total:

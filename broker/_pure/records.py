@@ -62,6 +62,13 @@ def encode_records(messages, base_offset: int, timestamp_ms: int) -> bytes:
     return b"".join(parts)
 
 
+def _check_start(start: int) -> None:
+    # struct.unpack_from reads a negative offset from the end of the buffer
+    # and memoryview slices wrap too: refuse it rather than scan garbage.
+    if start < 0:
+        raise ValueError("start must be >= 0")
+
+
 def _check(buf, pos: int, end: int, expected: int):
     """Return (length, offset, time) of a valid record at ``pos`` or None."""
     if end - pos < HEADER_SIZE:
@@ -84,6 +91,9 @@ def scan_records(buf, expected_offset: int, start: int = 0):
     just after the last of them. Recovery truncates a segment to
     ``valid_end``: the longest valid prefix.
     """
+    _check_start(start)
+    if expected_offset < 0:
+        raise ValueError("expected_offset must be >= 0")
     end = len(buf)
     pos = start
     count = 0
@@ -129,6 +139,7 @@ def decode_records(buf, from_offset: int, end_offset: int, start: int = 0):
     (an incomplete record, ``end_offset`` reached, or the end of ``buf``).
     A complete record that fails its checks raises :class:`CorruptRecordError`.
     """
+    _check_start(start)
     out = []
     pos = start
     end = len(buf)
@@ -160,6 +171,7 @@ def records_to_deliveries(buf, topic, from_offset: int, end_offset: int,
     offset after the last record consumed (delivered or skipped) and
     ``from_offset`` when none was.
     """
+    _check_start(start)
     prefix = bytes(topic) + b" "
     plen = len(prefix)
     parts = []

@@ -17,6 +17,7 @@ import logging
 
 from .. import codec
 from ..config import Config
+from ..protocol import From
 from ..storage import DiskWriter, LogStore, TopicLog
 from ..topics import validate_topic
 from .connection import Connection
@@ -34,8 +35,7 @@ class Broker:
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or Config()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.store = LogStore(self.config.data_dir, self.config.segment_bytes,
-                              self.config.index_interval_bytes)
+        self.store = LogStore(self.config.data_dir, config=self.config)
         self.writer: DiskWriter | None = None
         self.connections: set[Connection] = set()
         self.clients: dict[bytes, Connection] = {}   # client id -> connection speaking for it
@@ -54,7 +54,7 @@ class Broker:
         self.writer = DiskWriter(
             self.loop, self.store.offsets, fsync=cfg.fsync,
             fsync_interval_ms=cfg.fsync_interval_ms, high_water=cfg.append_high_water,
-            low_water=cfg.append_low_water, on_written=self._on_written)
+            low_water=cfg.append_low_water, on_written=self._on_written, store=self.store)
         self.writer.start()
         self._server = await self.loop.create_server(
             lambda: Connection(self), cfg.host, cfg.port, reuse_address=True, backlog=4096)
@@ -120,16 +120,66 @@ class Broker:
             self._topics[name] = topic
         return topic
 
-    def publish(self, topic: TopicLog, messages: list, nbytes: int, transport) -> None:
+    def publish(self, topic: TopicLog, messages: list, nbytes: int, transport,
+                on_stored=None) -> None:
+        """Queue a batch for ``topic``; see :meth:`DiskWriter.append`."""
         topic.next_offset += len(messages)
         self.counters["messages_in"] += len(messages)
-        self.writer.append(topic, messages, nbytes, transport)
+        self.writer.append(topic, messages, nbytes, transport, on_stored)
 
     def commit_offset(self, client_id: bytes, topic: str, offset: int) -> None:
         offsets = self.store.offsets
         offsets.set(client_id, topic, offset)
         if offsets.dirty:
             self.writer.offsets_changed()
+
+    def resolve_offset(self, client_id: bytes | None, topic: TopicLog, mode: int, value: int) -> int:
+        """The offset a SUB/SEK/SET request names; ValueError if it names none."""
+        if mode == From.COMMITTED:
+            stored = self.store.offsets.get(client_id, topic.name) if client_id else None
+            offset = topic.start_offset if stored is None else stored
+        elif mode == From.OLDEST:
+            return topic.start_offset
+        elif mode == From.LATEST:
+            return topic.next_offset
+        elif mode == From.OFFSET:
+            if value < 0:
+                raise ValueError("offset %d is negative" % value)
+            offset = value
+        elif mode == From.TIME:
+            find = getattr(topic, "offset_for_time", None)
+            if find is None:
+                raise ValueError("seeking by time is not supported by this storage")
+            offset = find(value)
+        else:
+            raise ValueError("unknown start mode %d" % mode)
+        return min(max(offset, topic.start_offset), topic.next_offset)
+
+    def describe_topics(self) -> list[dict]:
+        out = []
+        for name in sorted(self.store.topics):
+            topic = self.store.topics[name]
+            out.append({
+                "topic": name,
+                "first_offset": topic.start_offset,
+                "next_offset": topic.end_offset,
+                "messages": topic.end_offset - topic.start_offset,
+                "bytes": sum(seg.readable_size for seg in topic.segments),
+                "segments": len(topic.segments),
+                "subscribers": len(topic.subscribers),
+            })
+        return out
+
+    def describe_offsets(self, client_id: bytes | None = None) -> list[dict]:
+        out = []
+        for (cid, name), offset in sorted(self.store.offsets.items()):
+            if client_id is not None and cid != client_id:
+                continue
+            topic = self.store.topics.get(name)
+            end = topic.end_offset if topic is not None else offset
+            out.append({"client_id": cid.decode("utf-8", "replace"), "topic": name,
+                        "offset": offset, "end_offset": end, "lag": max(0, end - offset)})
+        return out
 
     def _on_written(self, topic: TopicLog) -> None:
         for sub in topic.subscribers:

@@ -18,8 +18,10 @@ import logging
 import uuid
 
 from ..codec import frames, records
+from ..protocol import From
 from ..topics import InvalidTopic
 from .delivery import Subscription
+from .v1 import V1Handlers
 
 __all__ = ["Connection"]
 
@@ -33,10 +35,11 @@ OP_CLOSE = frames.OP_CLOSE
 OP_REG = frames.OP_REG
 OP_CID = frames.OP_CID
 OP_PUB = frames.OP_PUB
+OP_HEL = frames.OP_HEL
 
 
-class Connection(asyncio.Protocol):
-    """The broker's side of one TCP connection speaking protocol v0."""
+class Connection(V1Handlers, asyncio.Protocol):
+    """The broker's side of one TCP connection (protocol v0, or v1 after HEL)."""
 
     def __init__(self, broker) -> None:
         self.broker = broker                  # the Broker that accepted us
@@ -45,7 +48,8 @@ class Connection(asyncio.Protocol):
         self.reader = frames.FrameReader(cfg.max_frame_bytes)  # incremental frame scanner
         self.transport: asyncio.Transport | None = None
         self.peer = "?"                       # "host:port" for log lines
-        self.client_id: bytes | None = None   # set by REG or CID
+        self.version = 0                      # wire protocol: 0 until a HEL frame, then 1
+        self.client_id: bytes | None = None   # set by REG, CID or HEL
         self.subs: dict[str, Subscription] = {}  # topic name -> subscription
         self.last_seen = 0.0                  # loop.time() of the last bytes received
         self.write_paused = False             # transport above its high-water mark
@@ -62,6 +66,7 @@ class Connection(asyncio.Protocol):
             frames.OP_SET: self._on_set,
             frames.OP_REG: self._on_reg,
             frames.OP_CLOSE: self._on_close,
+            frames.OP_HEL: self._on_hel,
             frames.OP_BADCRC: self._on_badcrc,
             frames.OP_UNKNOWN: self._on_unknown,
             frames.OP_MALFORMED: self._on_malformed,
@@ -83,6 +88,9 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_seen = self.loop.time()
+        if self.version:
+            self._v1_data(data)
+            return
         events = self.reader.feed(data)
         if not events:
             return
@@ -97,6 +105,9 @@ class Connection(asyncio.Protocol):
                 self._on_pub(a, b, nbytes)
                 nbytes = 0  # the whole chunk is accounted to the first batch
                 continue
+            if op == OP_HEL and self.client_id is None:
+                self._enter_v1()
+                return
             if self.client_id is None and op not in (OP_REG, OP_CID, OP_CLOSE) \
                     and op != frames.OP_ERROR:
                 self._refuse_unidentified()
@@ -111,7 +122,9 @@ class Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._commit_sent()
+        # Not _commit_sent(): once the connection is gone, what was still in
+        # our buffer was never sent, and the buffer's size can't be trusted
+        # to say so. Uncommitted deliveries are delivered again next time.
         self._marks.clear()
         for sub in self.subs.values():
             sub.topic.subscribers.discard(sub)
@@ -151,9 +164,8 @@ class Connection(asyncio.Protocol):
         topic = self._topic(topic_name, "SUB")
         if topic is None or topic.name in self.subs:
             return
-        stored = self.broker.store.offsets.get(self.client_id, topic.name)
-        start = topic.start_offset if stored is None else stored
-        sub = Subscription(self, topic, start)
+        start = self.broker.resolve_offset(self.client_id, topic, From.COMMITTED, 0)
+        sub = Subscription.v0(self, topic, start)
         self.subs[topic.name] = sub
         topic.subscribers.add(sub)
         self.schedule_delivery()
@@ -170,11 +182,11 @@ class Connection(asyncio.Protocol):
         if topic is None:
             return
         if requested == 0:
-            offset = topic.start_offset
+            offset = self.broker.resolve_offset(None, topic, From.OLDEST, 0)
         elif requested == -1:
-            offset = topic.next_offset
+            offset = self.broker.resolve_offset(None, topic, From.LATEST, 0)
         else:
-            offset = min(max(requested, topic.start_offset), topic.next_offset)
+            offset = self.broker.resolve_offset(None, topic, From.OFFSET, requested)
         sub = self.subs.get(topic.name)
         if sub is not None:
             # Deliveries still in our buffer were for the old position.
@@ -185,6 +197,11 @@ class Connection(asyncio.Protocol):
 
     def _on_png(self, a, b) -> None:
         pass  # v0: liveness only (last_seen is already updated), no reply
+
+    def _on_hel(self, a, b) -> None:
+        # HEL after REG/CID: a v0 client can't switch protocols mid-stream.
+        self.broker.counters["unknown_commands"] += 1
+        self._complain("unknown", "HEL must be the first frame; ignored")
 
     def _on_close(self, a, b) -> None:
         self.transport.close()
@@ -256,6 +273,12 @@ class Connection(asyncio.Protocol):
             self._pump_handle.cancel()
             self._pump_handle = None
 
+    def remove_subscription(self, sub: Subscription) -> None:
+        self._commit_sent()
+        self._marks = collections.deque(m for m in self._marks if m[1] is not sub)
+        sub.topic.subscribers.discard(sub)
+        self.subs.pop(sub.topic.name, None)
+
     def schedule_delivery(self) -> None:
         if self._pump_handle is None and not self.write_paused and not self.closed and self.subs:
             self._pump_handle = self.loop.call_soon(self._pump)
@@ -276,15 +299,15 @@ class Connection(asyncio.Protocol):
                     self.broker.counters["corrupt_reads"] += 1
                     log.error("%s: topic %s: %s; delivery of this topic stopped",
                               self.peer, sub.topic.name, exc)
-                    sub.topic.subscribers.discard(sub)
-                    del self.subs[sub.topic.name]
+                    self.remove_subscription(sub)
                     break
                 if got is None:
                     break
                 out, count, nxt = got
                 transport.write(out)
                 self._sent += len(out)
-                self._marks.append((self._sent, sub, nxt))
+                if sub.auto_commit:
+                    self._marks.append((self._sent, sub, nxt))
                 sub.offset = nxt
                 self.broker.counters["messages_out"] += count
                 budget -= 1

@@ -26,18 +26,23 @@ _to_v0 = records.records_to_deliveries
 class Subscription:
     """One topic delivered to one connection from ``offset`` on."""
 
-    __slots__ = ("conn", "topic", "offset", "convert")
+    __slots__ = ("conn", "topic", "offset", "convert", "auto_commit")
 
-    def __init__(self, conn, topic: TopicLog, offset: int) -> None:
+    def __init__(self, conn, topic: TopicLog, offset: int, convert, auto_commit: bool) -> None:
         self.conn = conn              # the Connection receiving the messages
         self.topic = topic            # the log read from
         self.offset = offset          # next offset to write to the transport
+        self.convert = convert        # stored records -> wire frames, one call per chunk
+        self.auto_commit = auto_commit  # v0: commit what was sent; v1: the client commits
+
+    @classmethod
+    def v0(cls, conn, topic: TopicLog, offset: int) -> "Subscription":
         name = topic.name_bytes
 
         def convert(buf, from_offset, end_offset, max_bytes):
             return _to_v0(buf, name, from_offset, end_offset, max_bytes)
 
-        self.convert = convert        # stored records -> v0 frames, one call per chunk
+        return cls(conn, topic, offset, convert, auto_commit=True)
 
     @property
     def behind(self) -> bool:

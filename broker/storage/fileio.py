@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["write_all", "pwrite_all", "fsync_dir"]
+__all__ = [
+    "write_all", "pwrite_all", "fsync_dir", "atomic_write", "write_replace",
+    "advise", "FADV_SEQUENTIAL", "FADV_DONTNEED",
+]
+
+FADV_SEQUENTIAL = getattr(os, "POSIX_FADV_SEQUENTIAL", None)
+FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
 
 
 def write_all(fd: int, data) -> None:
@@ -34,3 +40,47 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_replace(path: str, data, *, durable: bool) -> None:
+    """Replace ``path`` with ``data`` through ``path.tmp`` and a rename.
+
+    Readers see the old file or the new one, never a mix. With ``durable``
+    the temporary file is fsynced before the rename and the directory
+    after it, so the new content survives power loss once this returns.
+    A failure (ENOSPC, EIO) removes the temporary file and leaves ``path``
+    as it was.
+    """
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            write_all(fd, data)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if durable:
+        fsync_dir(os.path.dirname(path) or ".")
+
+
+def atomic_write(path: str, data) -> None:
+    """Durably replace ``path`` with ``data`` (see :func:`write_replace`)."""
+    write_replace(path, data, durable=True)
+
+
+def advise(fd: int, advice, offset: int = 0, length: int = 0) -> None:
+    """``posix_fadvise`` where it exists; a hint, so failures are ignored."""
+    if advice is None:
+        return
+    try:
+        os.posix_fadvise(fd, offset, length, advice)
+    except OSError:
+        pass

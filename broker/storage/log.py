@@ -1,10 +1,21 @@
 """A topic's log: its segments in offset order.
 
-The event loop reads (:meth:`TopicLog.read`) and sees only what the disk
-thread has finished writing: ``end_offset`` and each segment's
-``readable_size`` advance in the loop, when a write completes
-(``broker/storage/writer.py``). The disk thread appends through
-:meth:`TopicLog.append`, which rolls to a new segment at ``segment_bytes``.
+The event loop reads (:meth:`TopicLog.read`, :meth:`TopicLog.offset_for_time`)
+and sees only what the disk thread has finished writing: ``end_offset`` and
+each segment's ``readable_size`` advance in the loop, when a write completes
+(``broker/storage/writer.py`` calls :meth:`TopicLog.written`). The disk
+thread appends through :meth:`TopicLog.append`, which fills the active
+segment up to ``segment_bytes`` and rolls to a new one, splitting a batch
+at a record boundary when it does not fit.
+
+Retention (:meth:`expired_segments`, :meth:`drop_oldest`) is decided in the
+loop, which removes whole sealed segments from the list first; the disk
+thread deletes their files afterwards, so no reader can ever reach a
+deleted file. The active segment is never deleted.
+
+A new topic exists only in memory until its first append: the disk thread
+then creates its directory and first segment (:meth:`materialize`), so
+creating a topic never blocks the loop on an fsync.
 """
 
 from __future__ import annotations
@@ -15,10 +26,13 @@ import os
 from typing import Callable
 
 from ..codec import records
-from .fileio import fsync_dir
+from . import recordwalk
+from .checkpoint import CheckpointEntry
+from .fileio import atomic_write, fsync_dir
 from .segment import Segment
+from .topicconfig import CONFIG_FILE, TopicConfig, encode_overrides
 
-__all__ = ["TopicLog"]
+__all__ = ["TopicLog", "AppendResult"]
 
 log = logging.getLogger(__name__)
 
@@ -26,54 +40,111 @@ log = logging.getLogger(__name__)
 Converter = Callable[[bytes, int, int, int], tuple]
 
 
+class AppendResult:
+    """What one :meth:`TopicLog.append` did, for the loop and for undoing it."""
+
+    __slots__ = ("pieces", "rolled", "end_offset", "undo")
+
+    def __init__(self, pieces, rolled, end_offset, undo) -> None:
+        self.pieces = pieces          # [(segment, index entries, size after)] in order
+        self.rolled = rolled          # segments created, in order
+        self.end_offset = end_offset  # offset after the last record written
+        self.undo = undo              # (active before, its state before)
+
+
 class TopicLog:
     """The segments of one topic and the offsets readers may see."""
 
     __slots__ = (
-        "name", "name_bytes", "directory", "segments", "_bases",
-        "end_offset", "next_offset", "subscribers", "active", "segment_bytes", "interval", "_rolled",
+        "name", "name_bytes", "directory", "segments", "_bases", "_sealed_bytes",
+        "end_offset", "next_offset", "subscribers", "active", "interval",
+        "config", "overrides", "stats", "rcache", "wcache",
+        "materialized", "last_time", "durable",
     )
 
-    def __init__(self, name: str, directory: str, segments: list[Segment],
-                 segment_bytes: int, interval: int) -> None:
+    def __init__(self, name: str, directory: str, segments: list[Segment], config: TopicConfig,
+                 interval: int, rcache, wcache, stats: dict, overrides: dict | None = None,
+                 materialized: bool = True) -> None:
         self.name = name                           # validated topic name
         self.name_bytes = name.encode("ascii")     # the same, as sent on the wire
         self.directory = directory                 # <data>/topics/<name>
         self.segments = segments                   # readable segments, oldest first (loop)
         self._bases = [s.base_offset for s in segments]  # their base offsets, for bisect
+        self._sealed_bytes = sum(s.readable_size for s in segments[:-1])  # (loop)
         self.end_offset = segments[-1].end_offset  # offset after the last readable record
         self.next_offset = self.end_offset         # offset the next publish will get (loop)
         self.subscribers: set = set()              # delivery subscriptions, woken on append
         self.active = segments[-1]                 # segment being appended to (disk thread)
-        self.segment_bytes = segment_bytes         # roll the active segment past this size
         self.interval = interval                   # index interval, bytes
-        self._rolled: list[Segment] = []           # new segments the loop hasn't seen (disk thread)
+        self.config = config                       # settings in force (replaced, never mutated)
+        self.overrides = dict(overrides or {})     # what config.json holds (loop)
+        self.stats = stats                         # shared counters (LogStore.stats)
+        self.rcache = rcache                       # read FileCache
+        self.wcache = wcache                       # write FileCache
+        self.materialized = materialized           # directory and first segment exist
+        self.last_time = self.active.last_time     # newest append time, ms (disk thread)
+        self.durable: CheckpointEntry | None = None  # state at the last fsync (disk thread)
 
     @classmethod
-    def create(cls, name: str, directory: str, segment_bytes: int, interval: int) -> "TopicLog":
-        os.makedirs(directory, exist_ok=True)
-        seg = Segment.create(directory, 0, interval)
-        fsync_dir(directory)
-        fsync_dir(os.path.dirname(directory))
-        return cls(name, directory, [seg], segment_bytes, interval)
+    def create(cls, name: str, directory: str, config: TopicConfig, interval: int,
+               rcache, wcache, stats: dict, overrides: dict | None = None) -> "TopicLog":
+        """A new, empty topic. No file is touched until :meth:`materialize`."""
+        seg = Segment(directory, 0, interval, rcache, wcache)
+        return cls(name, directory, [seg], config, interval, rcache, wcache, stats,
+                   overrides, materialized=False)
 
     @classmethod
-    def open(cls, name: str, directory: str, segment_bytes: int, interval: int) -> "TopicLog":
-        """Open an existing topic, recovering its active segment."""
-        bases = sorted(int(f[:-4]) for f in os.listdir(directory)
-                       if f.endswith(".log") and f[:-4].isdigit())
+    def open(cls, name: str, directory: str, config: TopicConfig, interval: int, rcache,
+             wcache, stats: dict, overrides: dict | None = None, entry=None,
+             clean: bool = False) -> "TopicLog":
+        """Open an existing topic without opening its sealed segments.
+
+        Lists the directory and stats each segment file; only the last
+        segment is recovered (:meth:`Segment.recover`), from the checkpoint
+        ``entry`` when it still applies.
+        """
+        sizes = {}
+        orphans = []
+        with os.scandir(directory) as it:
+            for e in it:
+                stem, dot, ext = e.name.partition(".")
+                if ext == "log" and stem.isdigit():
+                    sizes[int(stem)] = e.stat().st_size
+                elif ext == "index" and stem.isdigit():
+                    orphans.append(int(stem))
+        for base in orphans:
+            if base not in sizes:  # left by a deletion cut short
+                try:
+                    os.unlink(os.path.join(directory, "%020d.index" % base))
+                except OSError:
+                    pass
+        bases = sorted(sizes)
         if not bases:
-            seg = Segment.create(directory, 0, interval)
-            return cls(name, directory, [seg], segment_bytes, interval)
-        segments = [Segment.open_sealed(directory, b, nxt, interval)
+            seg = Segment(directory, 0, interval, rcache, wcache)
+            seg.create_files()
+            topic = cls(name, directory, [seg], config, interval, rcache, wcache, stats, overrides)
+            return topic
+        segments = [Segment.sealed_at(directory, b, nxt, sizes[b], interval, rcache, wcache)
                     for b, nxt in zip(bases, bases[1:])]
-        segments.append(Segment.recover(directory, bases[-1], interval))
-        return cls(name, directory, segments, segment_bytes, interval)
+        last = Segment.recover(directory, bases[-1], interval, rcache, wcache,
+                               entry, clean, stats)
+        if last.size == 0 and segments:
+            # An empty active segment: the newest time is in the one before.
+            last.last_time = segments[-1].max_time() or 0
+        segments.append(last)
+        topic = cls(name, directory, segments, config, interval, rcache, wcache, stats, overrides)
+        topic.durable = topic._entry()
+        return topic
 
     @property
     def start_offset(self) -> int:
         """The oldest offset still kept."""
         return self.segments[0].base_offset
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of readable log (event loop)."""
+        return self._sealed_bytes + self.segments[-1].readable_size
 
     # -- event loop --------------------------------------------------------
 
@@ -81,17 +152,23 @@ class TopicLog:
         """Convert records from ``offset`` on, about ``max_bytes`` of them.
 
         Returns ``convert``'s ``(out, count, next_offset)`` for the first
-        non-empty result, or None when ``offset`` is at the end. Finds the
+        non-empty result, or None when ``offset`` is at the end. An offset
+        below the oldest kept one (deleted by retention) reads from the
+        oldest kept one, and is counted (``offset_resets``). Finds the
         segment by binary search on base offsets and the position by the
         sparse index, then reads forward: O(log segments + index interval).
         Raises :class:`records.CorruptRecordError` rather than serve a bad record.
         """
         end = self.end_offset
-        offset = max(offset, self.start_offset)
+        segments = self.segments
+        if offset < segments[0].base_offset:
+            if offset < end:
+                self.stats["offset_resets"] += 1
+            offset = segments[0].base_offset
         if offset >= end:
             return None
         i = bisect.bisect_right(self._bases, offset) - 1
-        seg = self.segments[i]
+        seg = segments[i]
         pos = seg.lookup(offset)
         want = max_bytes
         while True:
@@ -107,9 +184,9 @@ class TopicLog:
                 continue
             if pos >= seg.readable_size:
                 i += 1
-                if i >= len(self.segments):
+                if i >= len(segments):
                     return None
-                seg = self.segments[i]
+                seg = segments[i]
                 pos = 0
                 continue
             span = 4 + int.from_bytes(buf[:4], "big") if len(buf) >= 4 else 0
@@ -118,51 +195,217 @@ class TopicLog:
                 continue
             raise records.CorruptRecordError(pos, "record in %s cannot be read" % seg.log_path)
 
-    def written(self, new_segments: list[Segment], end_offset: int, size: int,
-                entries: bytes) -> None:
-        """Make a completed write visible (called in the loop by the writer)."""
-        for seg in new_segments:
+    def offset_for_time(self, ts_ms: int) -> int:
+        """The first offset whose append time is at or after ``ts_ms``.
+
+        ``end_offset`` when every kept record is older; ``start_offset``
+        when none is. A binary search over segments by the time of their
+        first record (one header read each, cached), then one within the
+        segment (:meth:`Segment.offset_for_time`).
+        """
+        segments = self.segments
+        lo, hi = 0, len(segments)
+        while lo < hi:  # first segment whose first record is at or after ts_ms
+            mid = (lo + hi) // 2
+            t = segments[mid].first_time()
+            if t is None or t >= ts_ms:
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo == 0:
+            return self.start_offset
+        seg = segments[lo - 1]
+        seg_end = segments[lo].base_offset if lo < len(segments) else self.end_offset
+        found = seg.offset_for_time(ts_ms, seg_end)
+        return seg_end if found is None else found
+
+    def written(self, result: AppendResult) -> None:
+        """Make a completed append visible (called in the loop by the writer)."""
+        for seg, entries, size in result.pieces:
+            seg.add_index(entries)
+            seg.readable_size = size
+        for seg in result.rolled:
             prev = self.segments[-1]
             prev.readable_size = prev.size  # sealed: its size is final
+            self._sealed_bytes += prev.readable_size
             self.segments.append(seg)
             self._bases.append(seg.base_offset)
-        active = self.segments[-1]
-        active.add_index(entries)
-        active.readable_size = size
-        self.end_offset = end_offset
+        self.end_offset = result.end_offset
+
+    def expired_segments(self, now_ms: int) -> int:
+        """How many of the oldest segments retention deletes now (never the active one).
+
+        By age: a sealed segment goes once its newest record is older than
+        ``retention_ms``. By size: the oldest sealed segments go while the
+        topic is bigger than ``retention_bytes``.
+        """
+        cfg = self.config
+        segments = self.segments
+        sealed = len(segments) - 1
+        n = 0
+        if cfg.retention_ms >= 0:
+            cutoff = now_ms - cfg.retention_ms
+            while n < sealed:
+                t = segments[n].max_time()
+                if t is None:
+                    # Unreadable tail: the next segment's first record is
+                    # no older than anything in this one.
+                    t = segments[n + 1].first_time()
+                if t is None or t >= cutoff:
+                    break
+                n += 1
+        if cfg.retention_bytes >= 0:
+            total = self.size_bytes - sum(s.readable_size for s in segments[:n])
+            while n < sealed and total > cfg.retention_bytes:
+                total -= segments[n].readable_size
+                n += 1
+        return n
+
+    def drop_oldest(self, n: int) -> list[Segment]:
+        """Remove the ``n`` oldest (sealed) segments from the log; return them.
+
+        Their read descriptors are closed here; the disk thread deletes the
+        files. ``start_offset`` moves to the first remaining segment.
+        """
+        n = min(n, len(self.segments) - 1)
+        if n <= 0:
+            return []
+        dropped = self.segments[:n]
+        del self.segments[:n]
+        del self._bases[:n]
+        for seg in dropped:
+            self._sealed_bytes -= seg.readable_size
+            seg.rcache.discard(seg)
+            seg.release_reader()
+        return dropped
 
     # -- disk thread -------------------------------------------------------
 
-    def append(self, buf: bytes, count: int) -> tuple:
-        """Write encoded records.
+    def materialize(self) -> None:
+        """Create the topic's directory and first segment (first append)."""
+        if self.materialized:
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        self.active.create_files()
+        if self.overrides:
+            atomic_write(os.path.join(self.directory, CONFIG_FILE),
+                         encode_overrides(self.overrides))
+        fsync_dir(self.directory)
+        fsync_dir(os.path.dirname(self.directory))
+        self.materialized = True
 
-        Returns ``(new_segments, end_offset, size, entries)`` for
-        :meth:`written`: the segments created by rolling since the last
-        successful append, the offset after the last record, the active
-        segment's size and the index entries just written.
+    def save_overrides(self, overrides: dict) -> None:
+        """Persist ``config.json`` (atomically, durably)."""
+        if not self.materialized:
+            self.materialize()  # writes the current overrides
+        atomic_write(os.path.join(self.directory, CONFIG_FILE), encode_overrides(overrides))
+
+    def append(self, buf, count: int, ts_ms: int, last_len: int) -> AppendResult:
+        """Write encoded records (all with append time ``ts_ms``).
+
+        ``last_len`` is the size of the last record in ``buf``. Fills the
+        active segment up to ``segment_bytes`` and rolls, as often as
+        needed; a batch that does not fit is split at a record boundary
+        (one pass over the batch's record headers, in the codec, per
+        split batch). A record bigger than a whole segment gets a segment
+        of its own. On an OSError nothing of the batch is left behind:
+        every segment touched is cut back and new ones are removed.
         """
+        self.materialize()
         seg = self.active
-        if seg.size and seg.size + len(buf) > self.segment_bytes:
-            seg.seal()
-            seg = Segment.create(self.directory, seg.end_offset, self.interval)
-            fsync_dir(self.directory)
-            self.active = seg
-            self._rolled.append(seg)
+        undo = (seg, seg.state())
+        limit = self.config.segment_bytes
+        n = len(buf)
+        pieces = []
+        rolled = []
         try:
-            entries = seg.append(buf, count)
+            if seg.size + n <= limit or (seg.size == 0 and count == 1):
+                pieces.append((seg, seg.append(buf, count, last_len, ts_ms), seg.size))
+            else:
+                starts = self._record_starts(buf)
+                starts.append(n)
+                pos = 0   # byte position in buf of the next record to write
+                i = 0     # its index in starts
+                view = memoryview(buf)
+                while i < count:
+                    room = limit - seg.size
+                    j = bisect.bisect_right(starts, pos + room, i) - 1
+                    if j <= i:
+                        if seg.size:
+                            seg = self._roll(rolled)
+                            continue
+                        j = i + 1  # a record bigger than a segment: alone
+                    end = starts[j]
+                    last = end - starts[j - 1]
+                    entries = seg.append(view[pos:end], j - i, last, ts_ms)
+                    pieces.append((seg, entries, seg.size))
+                    pos, i = end, j
+                    if i < count:
+                        seg = self._roll(rolled)
         except OSError:
-            # Never leave half a batch behind: cut back to where it began.
-            try:
-                seg.truncate()
-            except OSError:
-                log.exception("could not truncate %s after a failed write", seg.log_path)
+            self.undo(AppendResult(pieces, rolled, None, undo))
             raise
-        rolled, self._rolled = self._rolled, []
-        return rolled, seg.end_offset, seg.size, entries
+        self.last_time = ts_ms
+        if rolled:
+            self.stats["segments_rolled"] += len(rolled)
+        return AppendResult(pieces, rolled, seg.end_offset, undo)
+
+    def _record_starts(self, buf):
+        # Interval 1 makes index_entries emit an entry for every record:
+        # the record boundaries, found in C when the codec is compiled.
+        base = int.from_bytes(buf[8:16], "big")
+        entries, _ = records.index_entries(buf, 0, 0, 1, base)
+        return recordwalk.starts(entries)
+
+    def _roll(self, rolled: list) -> Segment:
+        prev = self.active
+        prev.seal()
+        seg = Segment(self.directory, prev.end_offset, self.interval, self.rcache, self.wcache)
+        seg.last_time = prev.last_time
+        rolled.append(seg)  # before creating: undo removes a half-created one too
+        seg.create_files()
+        fsync_dir(self.directory)
+        self.active = seg
+        return seg
+
+    def undo(self, result: AppendResult) -> None:
+        """Take back an append nobody has seen (failed write or failed fsync)."""
+        active, state = result.undo
+        for seg in reversed(result.rolled):
+            try:
+                seg.remove_created()
+            except OSError:
+                log.exception("could not remove %s after a failed append", seg.log_path)
+        self.active = active
+        active.sealed = False
+        try:
+            active.restore(state)
+        except OSError:
+            log.exception("could not truncate %s after a failed append", active.log_path)
+
+    def note_synced(self) -> None:
+        """Disk thread: the active segment was just fsynced up to its size."""
+        self.durable = self._entry()
+
+    def _entry(self) -> CheckpointEntry:
+        seg = self.active
+        return CheckpointEntry(seg.base_offset, seg.size, seg.end_offset, seg.last_pos,
+                               seg.last_time, seg.index_size, seg.next_index_pos)
+
+    def checkpoint_entry(self) -> CheckpointEntry | None:
+        """Disk thread: what the checkpoint may claim for this topic.
+
+        The state at the last fsync; under ``fsync=never`` the current one
+        (nothing is ever synced, and a process crash keeps the page cache).
+        """
+        if not self.materialized:
+            return None
+        if self.config.fsync == "never":
+            return self._entry()
+        return self.durable
 
     def close(self) -> None:
         for seg in self.segments:
             seg.close()
         if self.active not in self.segments:
             self.active.close()
-

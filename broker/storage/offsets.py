@@ -22,7 +22,7 @@ import os
 import struct
 import zlib
 
-from .fileio import fsync_dir, write_all
+from .fileio import atomic_write, write_all
 
 __all__ = ["OffsetStore"]
 
@@ -80,10 +80,16 @@ class OffsetStore:
         self._dirty: dict[Key, int] = {}          # changed since last handed over (event loop)
         self._persisted: dict[Key, int] = {}      # what the journal holds (disk thread)
         self._records = 0                         # records in the journal (disk thread)
+        self._size = 0                            # bytes of whole records in it (disk thread)
         self._fd = -1                             # journal, append only (disk thread)
 
     def load(self) -> None:
         os.makedirs(self.directory, exist_ok=True)
+        try:
+            # A compaction cut short by a crash: the journal is still whole.
+            os.unlink(self.path + ".tmp")
+        except FileNotFoundError:
+            pass
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
@@ -98,6 +104,7 @@ class OffsetStore:
             log.warning("offsets journal: dropping %d bytes of torn or corrupt tail", len(data) - valid)
             os.ftruncate(self._fd, valid)
             os.fsync(self._fd)
+        self._size = valid
         self._offsets = dict(self._persisted)
 
     # -- event loop --------------------------------------------------------
@@ -129,26 +136,39 @@ class OffsetStore:
         """Append ``changes`` to the journal in one write; compact if due."""
         if not changes:
             return
-        write_all(self._fd, b"".join([_encode(k, v) for k, v in changes.items()]))
+        data = b"".join([_encode(k, v) for k, v in changes.items()])
+        try:
+            write_all(self._fd, data)
+        except OSError:
+            # ENOSPC/EIO part way: cut the partial record off, or every
+            # later update would sit behind it, unreadable.
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                log.exception("could not truncate the offsets journal after a failed write")
+            raise
+        self._size += len(data)
         self._persisted.update(changes)
         self._records += len(changes)
         if self._records > max(_COMPACT_MIN, 4 * len(self._persisted)):
-            self.compact()
+            try:
+                self.compact()
+            except OSError as exc:  # the journal is intact: compact another time
+                log.error("offsets journal compaction failed: %s", exc)
 
     def compact(self) -> None:
-        tmp = self.path + ".tmp"
+        """Replace the journal by a snapshot of the live entries.
+
+        The snapshot goes to ``offsets.log.tmp``, is fsynced, renamed over
+        the journal and the directory fsynced: a crash at any point leaves
+        either the whole old journal or the whole snapshot.
+        """
         data = b"".join([_encode(k, v) for k, v in self._persisted.items()])
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        fsync_dir(self.directory)
+        atomic_write(self.path, data)
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self._records = len(self._persisted)
+        self._size = len(data)
 
     def fsync(self) -> None:
         if self._fd >= 0:

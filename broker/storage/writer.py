@@ -2,55 +2,90 @@
 
 Publishes are not written one by one. The event loop collects them per
 topic (:meth:`DiskWriter.append`); whenever the disk thread is idle, every
-topic's pending messages and every changed consumer offset go to it as one
-job. While it writes that job, the next one accumulates: this is group
-commit, and the busier the broker the larger the batches.
+topic's pending messages, every changed consumer offset, the segment files
+retention released and any queued disk call go to it as one job. While it
+writes that job, the next one accumulates: this is group commit, and the
+busier the broker the larger the batches.
 
-The disk thread encodes each topic's batch into records (one Cython call),
-writes it with one ``pwrite`` and applies the fsync policy; the GIL is
-released during write and fsync. Then the loop makes the data visible
-(``TopicLog.written``) and wakes the consumers. Nothing is readable, and so
-nothing is delivered, before it is in the file.
+The disk thread encodes each topic's batch into records (one codec call),
+writes it (one ``pwrite``, two when a batch straddles a segment roll) and
+applies the topic's fsync policy; the GIL is released during write and
+fsync. Then the loop makes the data visible (``TopicLog.written``), calls
+the ``on_stored`` callbacks and wakes the consumers. Nothing is readable,
+and so nothing is delivered or acknowledged, before it is in the file.
+
+Durability, per topic (``TopicLog.config.fsync``, broker default in
+:class:`~broker.config.Config`):
+
+- ``always``: the job's appends to the topic are fsynced before the job is
+  reported, so a batch becomes visible and acknowledged only after the
+  fsync covering it; every publish that arrived while the previous job
+  was being written shares that one fsync.
+- ``interval``: written data is fsynced at most ``fsync_interval_ms``
+  after it was written (a timer on the disk thread's queue wait, never a
+  sleep); it is visible and acknowledged once written.
+- ``never``: the OS writes back when it likes; fsynced at shutdown only.
+
+Whatever the policy, a segment is fsynced when it is sealed (rolled), and
+everything is fsynced at a clean shutdown. After fsyncs, at most every
+``checkpoint_interval_ms``, the disk thread writes the recovery checkpoint
+(``broker/storage/checkpoint.py``); at a clean shutdown it writes a final
+one marked clean.
+
+Retention runs on a loop timer: it drops expired segments from their topics
+(in the loop, so no reader can reach them any more) and hands their files
+to the disk thread, which drops their cached pages and deletes them.
 
 Bounds: one job in flight, one queued at most (the queue has ``maxsize=1``
 and the loop only submits when none is in flight). Published bytes waiting
 for the disk are counted; above ``append_high_water`` the producers that
 keep publishing are paused (``pause_reading``) until the backlog falls
-below ``append_low_water``.
+below ``append_low_water``. Disk calls (:meth:`DiskWriter.run`) are capped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
 from typing import Callable
 
 from ..codec import records
+from . import checkpoint
+from .fileio import fsync_dir
 from .log import TopicLog
 from .offsets import OffsetStore
+from .topicconfig import TopicConfig
 
 __all__ = ["DiskWriter"]
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
+_RECORD_OVERHEAD = 24     # record header bytes per message (broker/_pure/records.py)
+_MAX_CALLS = 256          # disk calls waiting for the disk thread, at most
+_RETENTION_SLICE = 256    # topics checked per loop callback by the retention timer
 
 
 class _Job:
     """One unit of work for the disk thread, and its results."""
 
-    __slots__ = ("appends", "acks", "offsets", "results", "errors", "sync")
+    __slots__ = ("appends", "acks", "offsets", "deletes", "calls", "checkpoint",
+                 "results", "errors", "call_results")
 
-    def __init__(self, appends, acks, offsets, sync: bool) -> None:
-        self.appends = appends  # [(TopicLog, messages, base_offset)]
-        self.acks = acks        # [(callback, TopicLog, base_offset, count)] to call when done
-        self.offsets = offsets  # {(client_id, topic): offset} to persist
-        self.sync = sync        # fsync everything written before reporting
-        self.results = []       # [(TopicLog, TopicLog.append() result)]
-        self.errors = []        # [(TopicLog, count, OSError)] appends that failed
+    def __init__(self, appends, acks, offsets, deletes, calls, checkpoint: bool) -> None:
+        self.appends = appends      # [(TopicLog, messages, base_offset)]
+        self.acks = acks            # [(callback, TopicLog, base_offset, count)] to call when done
+        self.offsets = offsets      # {(client_id, topic): offset} to persist
+        self.deletes = deletes      # [(directory, [Segment])] dropped by retention
+        self.calls = calls          # [(fn, args, future)] to run on the disk thread
+        self.checkpoint = checkpoint  # write a checkpoint (after syncing) in this job
+        self.results = []           # [(TopicLog, AppendResult)]
+        self.errors = []            # [(TopicLog, count, OSError)] appends that failed
+        self.call_results = []      # [(future, result, exception)]
 
 
 class DiskWriter:
@@ -58,28 +93,55 @@ class DiskWriter:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, offsets: OffsetStore, *,
                  fsync: str, fsync_interval_ms: int, high_water: int, low_water: int,
-                 on_written: Callable[[TopicLog], None]) -> None:
+                 on_written: Callable[[TopicLog], None], store=None,
+                 clock: Callable[[], float] | None = None,
+                 checkpoint_interval_ms: int | None = None,
+                 retention_check_interval_ms: int | None = None) -> None:
         self._loop = loop
         self._offsets = offsets
-        self._fsync = fsync                          # always | interval | never
+        self._store = store                          # LogStore: checkpoints, retention, configs
+        self._fsync = fsync                          # broker default; offsets follow it
         self._interval = fsync_interval_ms / 1000.0
         self._high = high_water
         self._low = low_water
         self._on_written = on_written                # loop callback per topic written
+        cfg = getattr(store, "config", None)
+        self._clock = clock or getattr(store, "clock", None) or time.time  # wall clock, s
+        if checkpoint_interval_ms is None:
+            checkpoint_interval_ms = cfg.checkpoint_interval_ms if cfg else 10_000
+        if retention_check_interval_ms is None:
+            retention_check_interval_ms = cfg.retention_check_interval_ms if cfg else 0
+        self._checkpoint_every = checkpoint_interval_ms / 1000.0
+        self._retention_every = retention_check_interval_ms / 1000.0
         self._pending: dict[TopicLog, list] = {}     # topic -> message lists not yet submitted
         self._pending_bytes = 0                      # bytes in _pending and the job in flight
         self._job_bytes = 0                          # of which in the job in flight
         self._in_flight = False                      # a job is with the disk thread
         self._paused: set = set()                    # transports paused for backpressure
         self._idle_waiters: list[asyncio.Future] = []  # flush() callers
+        self._deletes: list = []                     # [(directory, segments)] to delete
+        self._calls: list = []                       # [(fn, args, future)] to run
+        self._want_checkpoint = False                # checkpoint() asked for one
+        self._retention_handle: asyncio.Handle | None = None  # retention timer or slice
         self._queue: queue.Queue = queue.Queue(maxsize=1)
-        self._dirty_segments: set = set()            # written since last fsync (disk thread)
-        self._last_sync = time.monotonic()           # (disk thread)
+        # Disk thread state.
+        self._dirty: dict = {}                       # item -> fsync deadline (monotonic)
+        self._sync_due = float("inf")                # earliest deadline in _dirty
+        self._lazy: set = set()                      # fsync=never topics written (synced at stop)
+        self._changed = False                        # written since the last checkpoint
+        self._last_checkpoint = time.monotonic()
+        self._clean_stop = True                      # close(): sync and write a clean checkpoint
         self._thread = threading.Thread(target=self._run, name="pylogstreams-disk", daemon=True)
-        self.stats = {"batches": 0, "messages": 0, "bytes": 0, "fsyncs": 0, "write_errors": 0}
+        self.stats = store.stats if store is not None else {}
+        for key in ("batches", "messages", "bytes", "fsyncs", "fsync_errors", "write_errors",
+                    "segments_deleted", "bytes_deleted", "checkpoints", "checkpoint_errors",
+                    "retention_runs"):
+            self.stats.setdefault(key, 0)
 
     def start(self) -> None:
         self._thread.start()
+        if self._store is not None and self._retention_every > 0:
+            self._retention_handle = self._loop.call_soon(self._retention_tick)
 
     # -- event loop --------------------------------------------------------
 
@@ -95,9 +157,9 @@ class DiskWriter:
         per message). If the backlog is over the high-water mark and a
         transport is given, that transport stops reading until it drains.
         ``on_stored(base_offset, count, error)`` is called in the loop once
-        the batch is written (and fsynced, under ``fsync="always"``), with
-        the offset of its first message, or with ``base_offset=None`` and
-        the OSError if it could not be stored.
+        the batch is written (and fsynced, when the topic's policy is
+        ``always``), with the offset of its first message, or with
+        ``base_offset=None`` and the OSError if it could not be stored.
         """
         entry = (messages, on_stored)
         lists = self._pending.get(topic)
@@ -119,24 +181,76 @@ class DiskWriter:
         """A paused connection went away: nothing to resume."""
         self._paused.discard(transport)
 
+    def run(self, fn: Callable, *args) -> asyncio.Future:
+        """Run ``fn(*args)`` on the disk thread with the next job; a future of its result.
+
+        For blocking file work the loop must not do itself (a topic's
+        config file, ...). Calls run in order, after the job's appends.
+        """
+        if len(self._calls) >= _MAX_CALLS:
+            raise RuntimeError("too many disk calls waiting")
+        fut = self._loop.create_future()
+        self._calls.append((fn, args, fut))
+        self._kick()
+        return fut
+
+    async def set_topic_config(self, name: str, **overrides) -> TopicConfig:
+        """Change a topic's settings live and persist them (see ``LogStore.set_topic_config``).
+
+        The new settings apply once ``config.json`` is durably replaced,
+        which the disk thread does; the loop never waits on the disk.
+        """
+        store = self._store
+        topic, merged = store.prepare_topic_config(name, overrides)
+        await self.run(topic.save_overrides, merged)
+        store.apply_topic_config(topic, merged)
+        return topic.config
+
+    def checkpoint(self) -> asyncio.Future:
+        """Sync everything written so far and write a checkpoint; resolves when done."""
+        self._want_checkpoint = True
+        return self.run(_noop)
+
+    def enforce_retention(self) -> int:
+        """Apply retention to every topic now; return how many segments were dropped.
+
+        The timer does the same in slices; tests and admin commands call
+        this. Await :meth:`flush` to wait for the files to be deleted.
+        """
+        if self._store is None:
+            return 0
+        return self._retention_pass(list(self._store.topics.values()))
+
     async def flush(self) -> None:
-        """Wait until everything appended so far is written."""
-        while self._in_flight or self._pending or self._offsets.dirty:
+        """Wait until everything appended or requested so far is done."""
+        while (self._in_flight or self._pending or self._offsets.dirty or self._deletes
+               or self._calls):
             fut = self._loop.create_future()
             self._idle_waiters.append(fut)
             self._kick()
             await fut
 
-    async def close(self) -> None:
-        """Write everything, fsync, and stop the thread."""
+    async def close(self, clean: bool = True) -> None:
+        """Write everything, fsync, write a clean checkpoint, stop the thread.
+
+        ``clean=False`` stops the thread after the pending writes without
+        the final fsync and checkpoint: the files are left as a crash
+        (kill -9) would leave them. Tests and the benchmark use it.
+        """
+        if self._retention_handle is not None:
+            self._retention_handle.cancel()
+            self._retention_handle = None
         await self.flush()
-        self._queue.put(_STOP)
-        await self._loop.run_in_executor(None, self._thread.join)
+        self._clean_stop = clean
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            await self._loop.run_in_executor(None, self._thread.join)
 
     def _kick(self) -> None:
         if self._in_flight or not self._thread.is_alive():
             return
-        if not self._pending and not self._offsets.dirty:
+        if not (self._pending or self._offsets.dirty or self._deletes or self._calls
+                or self._want_checkpoint):
             return
         appends = []
         acks = []
@@ -156,7 +270,11 @@ class DiskWriter:
             appends.append((topic, msgs, base))
         self._pending = {}
         self._job_bytes = self._pending_bytes
-        job = _Job(appends, acks, self._offsets.take_dirty(), self._fsync == "always")
+        deletes, self._deletes = self._deletes, []
+        calls, self._calls = self._calls, []
+        job = _Job(appends, acks, self._offsets.take_dirty(), deletes, calls,
+                   self._want_checkpoint)
+        self._want_checkpoint = False
         self._in_flight = True
         self._queue.put_nowait(job)
 
@@ -165,7 +283,7 @@ class DiskWriter:
         self._pending_bytes -= self._job_bytes
         self._job_bytes = 0
         for topic, result in job.results:
-            topic.written(*result)
+            topic.written(result)
             self._on_written(topic)
         failed = {}
         for topic, count, exc in job.errors:
@@ -180,6 +298,16 @@ class DiskWriter:
                 cb(None if exc else base, count, exc)
             except Exception:
                 log.exception("on_stored callback failed")
+        for fut, result, exc in job.call_results:
+            if fut.done():
+                continue
+            if exc is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(exc)
+        for _fn, _args, fut in job.calls:
+            if not fut.done():  # the disk thread failed before reaching it
+                fut.set_exception(RuntimeError("disk thread error; see the log"))
         if self._paused and self._pending_bytes <= self._low:
             paused, self._paused = self._paused, set()
             for transport in paused:
@@ -192,21 +320,56 @@ class DiskWriter:
                 if not fut.done():
                     fut.set_result(None)
 
+    def _retention_tick(self, remaining: list | None = None) -> None:
+        """Timer: check topics a slice at a time so the loop never stalls."""
+        self._retention_handle = None
+        if remaining is None:
+            remaining = list(self._store.topics.values())
+            self.stats["retention_runs"] += 1
+        self._retention_pass(remaining[:_RETENTION_SLICE])
+        rest = remaining[_RETENTION_SLICE:]
+        if rest:
+            self._retention_handle = self._loop.call_soon(self._retention_tick, rest)
+        else:
+            self._retention_handle = self._loop.call_later(self._retention_every,
+                                                           self._retention_tick)
+
+    def _retention_pass(self, topics: list) -> int:
+        now_ms = int(self._clock() * 1000)
+        dropped = 0
+        for topic in topics:
+            try:
+                n = topic.expired_segments(now_ms)
+            except (OSError, records.CorruptRecordError) as exc:
+                log.error("retention check of topic %s failed: %s", topic.name, exc)
+                continue
+            if n:
+                segs = topic.drop_oldest(n)
+                if segs:
+                    log.info("retention: topic %s drops %d segments, now starts at offset %d",
+                             topic.name, len(segs), topic.start_offset)
+                    self._deletes.append((topic.directory, segs))
+                    dropped += len(segs)
+        if dropped:
+            self._kick()
+        return dropped
+
     # -- disk thread -------------------------------------------------------
 
     def _run(self) -> None:
         q = self._queue
         while True:
-            timeout = None
-            if self._dirty_segments and self._fsync == "interval":
-                timeout = max(0.0, self._last_sync + self._interval - time.monotonic())
+            timeout = self._next_deadline()
+            if timeout is not None:
+                timeout = max(0.0, timeout - time.monotonic())
             try:
                 job = q.get(timeout=timeout)
             except queue.Empty:
-                self._sync()  # the interval elapsed with unsynced data
+                self._timed_work()  # an fsync or checkpoint deadline passed
                 continue
             if job is _STOP:
-                self._sync()
+                if self._clean_stop:
+                    self._stop_work()
                 return
             try:
                 self._write(job)
@@ -214,40 +377,161 @@ class DiskWriter:
                 log.exception("disk thread: unexpected error")
             self._loop.call_soon_threadsafe(self._done, job)
 
+    def _next_deadline(self) -> float | None:
+        due = self._sync_due
+        if self._changed and self._store is not None:
+            due = min(due, self._last_checkpoint + self._checkpoint_every)
+        return None if due == float("inf") else due
+
+    def _timed_work(self) -> None:
+        now = time.monotonic()
+        if now >= self._sync_due:
+            self._sync()
+        if (self._changed and self._store is not None
+                and now >= self._last_checkpoint + self._checkpoint_every):
+            if self._dirty:
+                self._sync()  # the checkpoint then covers everything written
+            self._write_checkpoint(clean=False)
+
     def _write(self, job: _Job) -> None:
-        now_ms = int(time.time() * 1000)
+        now_ms = int(self._clock() * 1000)
         stats = self.stats
+        synced_now = []  # fsync=always topics: fsynced before the job is reported
         for topic, msgs, base in job.appends:
+            if not msgs:
+                continue
+            # Append times never go backwards within a topic, so time
+            # lookups can binary-search (the wall clock may step back).
+            ts = topic.last_time if topic.last_time > now_ms else now_ms
             try:
-                buf = records.encode_records(msgs, base, now_ms)
-                job.results.append((topic, topic.append(buf, len(msgs))))
+                buf = records.encode_records(msgs, base, ts)
+                result = topic.append(buf, len(msgs), ts, _RECORD_OVERHEAD + len(msgs[-1]))
             except OSError as exc:
                 job.errors.append((topic, len(msgs), exc))
                 continue
-            self._dirty_segments.add(topic)
+            self._changed = True
             stats["batches"] += 1
             stats["messages"] += len(msgs)
             stats["bytes"] += len(buf)
+            policy = topic.config.fsync
+            if policy == "always":
+                synced_now.append((topic, result, len(msgs)))
+                continue
+            job.results.append((topic, result))
+            if policy == "interval":
+                self._mark_dirty(topic, topic.config.fsync_interval_ms / 1000.0)
+            else:
+                self._lazy.add(topic)
         if job.offsets:
             try:
                 self._offsets.write(job.offsets)
-                self._dirty_segments.add(self._offsets)
+                if self._fsync == "always":
+                    synced_now.append((self._offsets, None, 0))
+                elif self._fsync == "interval":
+                    self._mark_dirty(self._offsets, self._interval)
             except OSError:
                 log.exception("could not persist consumer offsets")
-        if job.sync or (self._fsync == "interval"
-                        and time.monotonic() - self._last_sync >= self._interval):
-            self._sync()
+        for topic, result, count in synced_now:  # group commit: one fsync per topic per job
+            try:
+                if result is None:
+                    topic.fsync()  # the offsets journal
+                else:
+                    topic.active.fsync()
+                    topic.note_synced()
+                stats["fsyncs"] += 1
+            except OSError as exc:
+                stats["fsync_errors"] += 1
+                if result is None:
+                    log.error("fsync of the offsets journal failed: %s", exc)
+                    continue
+                # The data's fate on disk is unknown: refuse the batch and cut it off.
+                log.error("fsync of topic %s failed: %s", topic.name, exc)
+                topic.undo(result)
+                job.errors.append((topic, count, exc))
+                continue
+            if result is not None:
+                job.results.append((topic, result))
+        for directory, segments in job.deletes:
+            self._delete(directory, segments)
+        for fn, args, fut in job.calls:
+            try:
+                job.call_results.append((fut, fn(*args), None))
+            except Exception as exc:
+                job.call_results.append((fut, None, exc))
+        if job.checkpoint:
+            self._sync(everything=True)
+            self._write_checkpoint(clean=False)
+        self._timed_work()
 
-    def _sync(self) -> None:
-        dirty, self._dirty_segments = self._dirty_segments, set()
-        for item in dirty:
+    def _mark_dirty(self, item, interval: float) -> None:
+        if item not in self._dirty:
+            due = time.monotonic() + interval
+            self._dirty[item] = due
+            if due < self._sync_due:
+                self._sync_due = due
+
+    def _sync(self, everything: bool = False) -> None:
+        """fsync what waits for it (``everything``: fsync=never topics too)."""
+        dirty, self._dirty = self._dirty, {}
+        self._sync_due = float("inf")
+        items = list(dirty)
+        if everything:
+            items.extend(self._lazy)
+            self._lazy = set()
+        for item in items:
             try:
                 if isinstance(item, TopicLog):
                     item.active.fsync()
+                    item.note_synced()
                 else:
                     item.fsync()
-            except OSError:
-                log.exception("fsync failed")
-        self._last_sync = time.monotonic()
-        if dirty:
-            self.stats["fsyncs"] += 1
+                self.stats["fsyncs"] += 1
+            except OSError as exc:
+                # Already acknowledged: all we can do is say so loudly.
+                self.stats["fsync_errors"] += 1
+                log.error("fsync failed: %s", exc)
+
+    def _write_checkpoint(self, clean: bool) -> None:
+        store = self._store
+        if store is None:
+            return
+        try:
+            store.write_checkpoint(clean=clean)
+            self.stats["checkpoints"] += 1
+        except OSError as exc:
+            self.stats["checkpoint_errors"] += 1
+            log.error("could not write the recovery checkpoint: %s", exc)
+        self._changed = False
+        self._last_checkpoint = time.monotonic()
+
+    def _delete(self, directory: str, segments: list) -> None:
+        deleted = 0
+        for seg in segments:
+            try:
+                seg.delete_files()
+            except OSError as exc:
+                log.error("could not delete %s: %s", seg.log_path, exc)
+                continue
+            deleted += 1
+            self.stats["segments_deleted"] += 1
+            self.stats["bytes_deleted"] += seg.size
+        if deleted:
+            try:
+                fsync_dir(directory)
+            except OSError as exc:
+                log.error("could not fsync %s: %s", directory, exc)
+
+    def _stop_work(self) -> None:
+        """Clean shutdown: fsync everything, then the clean checkpoint."""
+        self._sync(everything=True)
+        try:
+            self._offsets.fsync()
+        except OSError as exc:
+            self.stats["fsync_errors"] += 1
+            log.error("fsync of the offsets journal failed: %s", exc)
+        if self._store is not None:
+            self._write_checkpoint(clean=True)
+
+
+def _noop() -> None:
+    return None

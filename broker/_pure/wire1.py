@@ -1,0 +1,263 @@
+"""Protocol v1 codec, pure-Python twin of ``broker/_speedups/wire1.pyx``.
+
+Every v1 frame, in both directions, is::
+
+    [u32 N][3-byte type][u32 request id][N - 7 bytes payload]
+
+Strings in payloads are ``[u16 n][n bytes UTF-8]``; integers are
+big-endian. The hot payloads have their own functions here so that the
+per-message work (CRC-32, record framing) happens in one call per batch:
+
+- ``PUB`` (client -> server): ``str topic, u32 count, count x
+  ([u32 len][u32 crc32(message)][message])``; :func:`encode_publish`,
+  :func:`parse_publish`.
+- ``MSG`` (server -> client): ``str topic, u32 count, count x stored
+  record`` (the log's own bytes, forwarded as stored; see records.py);
+  :func:`message_frame` builds one from a chunk read from the log,
+  :func:`parse_messages` decodes one, checking every record's CRC.
+
+The full protocol is in docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+from .records import HEADER_SIZE, CorruptRecordError, decode_records
+
+__all__ = [
+    "V1Reader", "ProtocolError", "KINDS", "K_ERROR", "K_CLOSE", "K_UNKNOWN",
+    "encode", "pack_str", "read_str", "encode_publish", "parse_publish", "message_frame",
+    "parse_messages",
+]
+
+# Frame kinds: the 3-byte type on the wire -> a small int in V1Reader events.
+KINDS = {
+    b"HEL": 1, b"PUB": 2, b"SUB": 3, b"UNS": 4, b"CMT": 5, b"SEK": 6, b"PNG": 7,
+    b"TOP": 8, b"OFS": 9, b"STA": 10,
+    b"RES": 20, b"ACK": 21, b"ERR": 22, b"MSG": 23, b"POG": 24,
+}
+K_CLOSE = 0      # (K_CLOSE, 0, b""): zero-length frame; the reader stops
+K_UNKNOWN = 30   # (K_UNKNOWN, rid, type): a type this version doesn't know
+K_ERROR = 31     # (K_ERROR, 0, reason: str): framing broken; the reader stops
+
+FRAME_HEADER = 7  # type + request id, counted in N
+
+_U32 = struct.Struct(">I")
+_U16 = struct.Struct(">H")
+_HEAD = struct.Struct(">I3sI")
+_PUB_ITEM = struct.Struct(">II")
+_unpack_u32 = _U32.unpack_from
+_unpack_u16 = _U16.unpack_from
+
+
+class ProtocolError(ValueError):
+    """A v1 payload that does not match its type's layout."""
+
+
+class V1Reader:
+    """Incremental v1 frame splitter: ``feed(data)`` -> ``[(kind, rid, payload)]``.
+
+    Like the v0 FrameReader: any chunking, linear cost, the length prefix
+    checked against ``max_frame_bytes`` before anything is allocated, and
+    no further output after a ``K_ERROR`` or ``K_CLOSE`` event.
+    """
+
+    __slots__ = ("max_frame_bytes", "_buf", "_need", "_broken")
+
+    def __init__(self, max_frame_bytes: int = 1 << 20) -> None:
+        if max_frame_bytes < 16:
+            raise ValueError("max_frame_bytes must be at least 16")
+        self.max_frame_bytes = max_frame_bytes  # largest frame (N) accepted
+        self._buf = bytearray()                 # unparsed remainder
+        self._need = 0                          # bytes the buffered frame needs, at least
+        self._broken = False                    # no output after K_ERROR / K_CLOSE
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    @property
+    def broken(self) -> bool:
+        return self._broken
+
+    def feed(self, data) -> list:
+        if self._broken:
+            return []
+        buf = self._buf
+        if buf:
+            buf += data
+            if len(buf) < self._need:
+                return []
+            view = bytes(buf)
+        else:
+            view = data if type(data) is bytes else bytes(data)
+        events: list = []
+        pos = self._scan(view, events)
+        if self._broken or pos == len(view):
+            buf.clear()
+        elif buf:
+            del buf[:pos]
+        else:
+            buf += memoryview(view)[pos:]
+        return events
+
+    def _scan(self, data: bytes, events: list) -> int:
+        end = len(data)
+        limit = self.max_frame_bytes
+        kinds = KINDS
+        pos = 0
+        while end - pos >= 4:
+            n = _unpack_u32(data, pos)[0]
+            if n == 0:
+                events.append((K_CLOSE, 0, b""))
+                self._broken = True
+                return pos + 4
+            if n > limit:
+                events.append((K_ERROR, 0, "frame length %d exceeds limit %d" % (n, limit)))
+                self._broken = True
+                return pos
+            if n < FRAME_HEADER:
+                events.append((K_ERROR, 0, "frame length %d is below the v1 minimum %d"
+                               % (n, FRAME_HEADER)))
+                self._broken = True
+                return pos
+            if end - pos < 4 + n:
+                self._need = 4 + n
+                return pos
+            _, kind, rid = _HEAD.unpack_from(data, pos)
+            payload = data[pos + 4 + FRAME_HEADER:pos + 4 + n]
+            code = kinds.get(kind)
+            if code is None:
+                events.append((K_UNKNOWN, rid, kind))
+            else:
+                events.append((code, rid, payload))
+            pos += 4 + n
+        self._need = 4
+        return pos
+
+
+def encode(kind: bytes, rid: int, payload=b"") -> bytes:
+    """One v1 frame of ``kind`` (3 bytes) with request id ``rid``."""
+    return _HEAD.pack(FRAME_HEADER + len(payload), kind, rid) + bytes(payload)
+
+
+def pack_str(value) -> bytes:
+    """``[u16 n][n bytes]``; ``value`` is str (UTF-8) or bytes."""
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    if len(value) > 0xFFFF:
+        raise ValueError("string longer than 65535 bytes")
+    return _U16.pack(len(value)) + value
+
+
+def encode_publish(rid: int, topic, messages) -> bytes:
+    """A whole ``PUB`` frame: ``messages`` to ``topic``, each with its CRC."""
+    if isinstance(topic, str):
+        topic = topic.encode("utf-8")
+    parts = [b"", pack_str(topic), _U32.pack(len(messages))]
+    for msg in messages:
+        parts.append(_PUB_ITEM.pack(len(msg), zlib.crc32(msg)))
+        parts.append(msg)
+    body = b"".join(parts)
+    return _HEAD.pack(FRAME_HEADER + len(body), b"PUB", rid) + body
+
+
+def read_str(payload, pos: int):
+    """Read ``[u16 n][n bytes]`` at ``pos``: ``(bytes, position after)``."""
+    if len(payload) - pos < 2:
+        raise ProtocolError("truncated string")
+    n = _unpack_u16(payload, pos)[0]
+    if len(payload) - pos - 2 < n:
+        raise ProtocolError("truncated string")
+    return bytes(payload[pos + 2:pos + 2 + n]), pos + 2 + n
+
+
+def parse_publish(payload):
+    """Split a ``PUB`` payload: ``(topic, messages, bad_index)``.
+
+    Every message's CRC is checked; ``bad_index`` is the index of the
+    first message whose CRC does not match, or -1. A payload whose layout
+    is wrong raises :class:`ProtocolError`.
+    """
+    topic, pos = read_str(payload, 0)
+    end = len(payload)
+    if end - pos < 4:
+        raise ProtocolError("PUB: missing message count")
+    count = _unpack_u32(payload, pos)[0]
+    pos += 4
+    # Each message needs at least its 8-byte header: reject absurd counts
+    # before building anything.
+    if count > (end - pos) // 8:
+        raise ProtocolError("PUB: count %d does not fit the frame" % count)
+    messages = []
+    bad = -1
+    for i in range(count):
+        if end - pos < 8:
+            raise ProtocolError("PUB: truncated message header")
+        n, crc = _PUB_ITEM.unpack_from(payload, pos)
+        pos += 8
+        if end - pos < n:
+            raise ProtocolError("PUB: truncated message")
+        msg = bytes(payload[pos:pos + n])
+        pos += n
+        if bad < 0 and zlib.crc32(msg) != crc:
+            bad = i
+        messages.append(msg)
+    if pos != end:
+        raise ProtocolError("PUB: %d trailing bytes" % (end - pos))
+    return topic, messages, bad
+
+
+def message_frame(buf, rid: int, topic, from_offset: int, end_offset: int, max_bytes: int):
+    """A ``MSG`` frame of stored records, forwarded without re-encoding.
+
+    ``buf`` is a chunk read from the log at a record boundary. Records with
+    ``from_offset <= offset < end_offset`` are checked (CRC, length) and
+    copied as they are, up to ``max_bytes`` (at least one is taken).
+    Returns ``(frame, count, next_offset, used)`` like
+    ``records.records_to_deliveries`` (frame is ``b""`` when count is 0).
+    """
+    end = len(buf)
+    pos = 0
+    first = -1
+    count = 0
+    nxt = from_offset
+    while end - pos >= HEADER_SIZE:
+        length, crc, off, _ts = struct.unpack_from(">IIQQ", buf, pos)
+        if length < HEADER_SIZE - 4:
+            raise CorruptRecordError(pos, "length %d below minimum" % length)
+        if length > end - pos - 4 or off >= end_offset:
+            break
+        if zlib.crc32(memoryview(buf)[pos + 8:pos + 4 + length]) != crc:
+            raise CorruptRecordError(pos, "checksum mismatch")
+        if off >= from_offset:
+            if first < 0:
+                first = pos
+            elif pos + 4 + length - first > max_bytes:
+                break
+            count += 1
+        nxt = off + 1
+        pos += 4 + length
+    if not count:
+        return b"", 0, max(nxt, from_offset), pos
+    body = pack_str(topic) + _U32.pack(count) + bytes(buf[first:pos])
+    frame = _HEAD.pack(FRAME_HEADER + len(body), b"MSG", rid) + body
+    return frame, count, nxt, pos
+
+
+def parse_messages(payload):
+    """Decode a ``MSG`` payload: ``(topic, [(offset, time_ms, value), ...])``.
+
+    Every record's CRC is checked; a bad one raises CorruptRecordError.
+    """
+    topic, pos = read_str(payload, 0)
+    if len(payload) - pos < 4:
+        raise ProtocolError("MSG: missing record count")
+    count = _unpack_u32(payload, pos)[0]
+    pos += 4
+    out, stop = decode_records(payload, 0, (1 << 63) - 1, pos)
+    if len(out) != count or stop != len(payload):
+        raise CorruptRecordError(stop, "MSG: %d of %d records decoded" % (len(out), count))
+    return topic, out

@@ -1,0 +1,385 @@
+# cython: language_level=3
+"""Protocol v1 codec, Cython twin of ``broker/_pure/wire1.py``.
+
+Same names, signatures, results and exceptions as the pure module, which
+is the reference (its docstring has the frame layouts). The per-message
+work of the hot frames (CRC-32 of every published message, checking and
+copying every delivered record) runs in C, once per frame for Python.
+"""
+
+cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.ref cimport Py_INCREF
+from libc.stdint cimport uint32_t, uint64_t
+from libc.string cimport memcpy
+
+from ._zlib cimport crc32_update
+from .records cimport (
+    RECORD_HEADER_SIZE, RECORD_MIN_LENGTH, RecordHeader, crc_matches, load_be32,
+    read_header, store_be32, store_be64,
+)
+
+from .records import CorruptRecordError, decode_records
+
+__all__ = [
+    "V1Reader", "ProtocolError", "KINDS", "K_ERROR", "K_CLOSE", "K_UNKNOWN",
+    "encode", "pack_str", "read_str", "encode_publish", "parse_publish", "message_frame",
+    "parse_messages",
+]
+
+KINDS = {
+    b"HEL": 1, b"PUB": 2, b"SUB": 3, b"UNS": 4, b"CMT": 5, b"SEK": 6, b"PNG": 7,
+    b"TOP": 8, b"OFS": 9, b"STA": 10,
+    b"RES": 20, b"ACK": 21, b"ERR": 22, b"MSG": 23, b"POG": 24,
+}
+K_CLOSE = 0
+K_UNKNOWN = 30
+K_ERROR = 31
+
+FRAME_HEADER = 7
+
+cdef enum:
+    _FRAME_HEADER = 7
+    _K_CLOSE = 0
+    _K_UNKNOWN = 30
+    _K_ERROR = 31
+
+
+class ProtocolError(ValueError):
+    """A v1 payload that does not match its type's layout."""
+
+
+cdef inline uint32_t _tag(const unsigned char* p) noexcept nogil:
+    return (<uint32_t>p[0] << 16) | (<uint32_t>p[1] << 8) | <uint32_t>p[2]
+
+
+cdef int _kind(const unsigned char* p) noexcept nogil:
+    # A switch on the 3-byte type, so no bytes object is built per frame.
+    cdef uint32_t t = _tag(p)
+    if t == 0x505542: return 2    # PUB
+    if t == 0x4d5347: return 23   # MSG
+    if t == 0x41434b: return 21   # ACK
+    if t == 0x524553: return 20   # RES
+    if t == 0x434d54: return 5    # CMT
+    if t == 0x504e47: return 7    # PNG
+    if t == 0x504f47: return 24   # POG
+    if t == 0x48454c: return 1    # HEL
+    if t == 0x535542: return 3    # SUB
+    if t == 0x554e53: return 4    # UNS
+    if t == 0x53454b: return 6    # SEK
+    if t == 0x544f50: return 8    # TOP
+    if t == 0x4f4653: return 9    # OFS
+    if t == 0x535441: return 10   # STA
+    if t == 0x455252: return 22   # ERR
+    return -1
+
+
+@cython.final
+cdef class V1Reader:
+    """Incremental v1 frame splitter: ``feed(data)`` -> ``[(kind, rid, payload)]``."""
+
+    cdef readonly Py_ssize_t max_frame_bytes
+    cdef bytearray _buf
+    cdef Py_ssize_t _need
+    cdef bint _broken
+
+    def __init__(self, Py_ssize_t max_frame_bytes=1 << 20):
+        if max_frame_bytes < 16:
+            raise ValueError("max_frame_bytes must be at least 16")
+        self.max_frame_bytes = max_frame_bytes
+        self._buf = bytearray()
+        self._need = 0
+        self._broken = False
+
+    @property
+    def buffered(self):
+        return len(self._buf)
+
+    @property
+    def broken(self):
+        return self._broken
+
+    def feed(self, data):
+        cdef Py_buffer view
+        cdef list events
+        cdef Py_ssize_t pos, n
+        if self._broken:
+            return []
+        events = []
+        buf = self._buf
+        if PyByteArray_GET_SIZE(buf):
+            buf += data
+            n = PyByteArray_GET_SIZE(buf)
+            if n < self._need:
+                return []
+            # Scanning a bytearray we then resize: scan first, resize after.
+            pos = self._scan(<const unsigned char*>PyByteArray_AS_STRING(buf), n, events)
+            if self._broken or pos == n:
+                del buf[:]
+            else:
+                del buf[:pos]
+            return events
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            # Zero-copy path: parse straight from the chunk, keep only the tail.
+            pos = self._scan(<const unsigned char*>view.buf, view.len, events)
+            if not self._broken and pos < view.len:
+                buf += (<const char*>view.buf)[pos:view.len]
+        finally:
+            PyBuffer_Release(&view)
+        return events
+
+    cdef Py_ssize_t _scan(self, const unsigned char* data, Py_ssize_t end, list events) except -1:
+        cdef Py_ssize_t pos = 0
+        cdef uint32_t n, rid
+        cdef int kind
+        cdef Py_ssize_t limit = self.max_frame_bytes
+        while end - pos >= 4:
+            n = load_be32(data + pos)
+            if n == 0:
+                events.append((_K_CLOSE, 0, b""))
+                self._broken = True
+                return pos + 4
+            if n > limit:
+                events.append((_K_ERROR, 0, "frame length %d exceeds limit %d" % (n, limit)))
+                self._broken = True
+                return pos
+            if n < _FRAME_HEADER:
+                events.append((_K_ERROR, 0, "frame length %d is below the v1 minimum %d"
+                               % (n, _FRAME_HEADER)))
+                self._broken = True
+                return pos
+            if end - pos < 4 + <Py_ssize_t>n:
+                self._need = 4 + n
+                return pos
+            kind = _kind(data + pos + 4)
+            rid = load_be32(data + pos + 7)
+            if kind < 0:
+                events.append((_K_UNKNOWN, rid,
+                               PyBytes_FromStringAndSize(<const char*>data + pos + 4, 3)))
+            else:
+                events.append((kind, rid, PyBytes_FromStringAndSize(
+                    <const char*>data + pos + 4 + _FRAME_HEADER, n - _FRAME_HEADER)))
+            pos += 4 + n
+        self._need = 4
+        return pos
+
+
+def encode(kind, rid, payload=b""):
+    """One v1 frame of ``kind`` (3 bytes) with request id ``rid``."""
+    cdef bytes k = bytes(kind)
+    cdef bytes p = bytes(payload)
+    cdef Py_ssize_t n = len(p)
+    cdef bytes out
+    cdef unsigned char* o
+    if len(k) != 3:
+        raise ValueError("kind must be 3 bytes")
+    if rid < 0 or rid > 0xFFFFFFFF or n + _FRAME_HEADER > 0xFFFFFFFF:
+        raise OverflowError("request id or payload out of range")
+    out = PyBytes_FromStringAndSize(NULL, 4 + _FRAME_HEADER + n)
+    o = <unsigned char*>PyBytes_AS_STRING(out)
+    store_be32(o, <uint32_t>(n + _FRAME_HEADER))
+    memcpy(o + 4, PyBytes_AS_STRING(k), 3)
+    store_be32(o + 7, <uint32_t>rid)
+    if n:
+        memcpy(o + 11, PyBytes_AS_STRING(p), n)
+    return out
+
+
+def pack_str(value):
+    """``[u16 n][n bytes]``; ``value`` is str (UTF-8) or bytes."""
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    value = bytes(value)
+    cdef Py_ssize_t n = len(value)
+    if n > 0xFFFF:
+        raise ValueError("string longer than 65535 bytes")
+    return bytes(((n >> 8) & 0xFF, n & 0xFF)) + value
+
+
+def read_str(payload, Py_ssize_t pos):
+    """Read ``[u16 n][n bytes]`` at ``pos``: ``(bytes, position after)``."""
+    cdef Py_buffer view
+    cdef const unsigned char* p
+    cdef Py_ssize_t n
+    PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+    try:
+        p = <const unsigned char*>view.buf
+        if pos < 0 or view.len - pos < 2:
+            raise ProtocolError("truncated string")
+        n = (<Py_ssize_t>p[pos] << 8) | p[pos + 1]
+        if view.len - pos - 2 < n:
+            raise ProtocolError("truncated string")
+        return PyBytes_FromStringAndSize(<const char*>p + pos + 2, n), pos + 2 + n
+    finally:
+        PyBuffer_Release(&view)
+
+
+def encode_publish(rid, topic, messages):
+    """A whole ``PUB`` frame: ``messages`` to ``topic``, each with its CRC."""
+    cdef tuple items
+    cdef bytes t, out
+    cdef Py_ssize_t i, count, total, tlen, mlen, pos
+    cdef Py_buffer view
+    cdef unsigned char* o
+    if isinstance(topic, str):
+        topic = topic.encode("utf-8")
+    t = bytes(topic)
+    tlen = len(t)
+    if tlen > 0xFFFF:
+        raise ValueError("string longer than 65535 bytes")
+    if rid < 0 or rid > 0xFFFFFFFF:
+        raise OverflowError("request id out of range")
+    items = messages if type(messages) is tuple else tuple(messages)
+    count = len(items)
+    total = 4 + _FRAME_HEADER + 2 + tlen + 4
+    for i in range(count):
+        total += 8 + len(items[i])
+    if total - 4 > 0xFFFFFFFF:
+        raise OverflowError("frame too large")
+    out = PyBytes_FromStringAndSize(NULL, total)
+    o = <unsigned char*>PyBytes_AS_STRING(out)
+    store_be32(o, <uint32_t>(total - 4))
+    memcpy(o + 4, b"PUB", 3)
+    store_be32(o + 7, <uint32_t>rid)
+    o[11] = <unsigned char>(tlen >> 8)
+    o[12] = <unsigned char>tlen
+    memcpy(o + 13, PyBytes_AS_STRING(t), tlen)
+    pos = 13 + tlen
+    store_be32(o + pos, <uint32_t>count)
+    pos += 4
+    for i in range(count):
+        PyObject_GetBuffer(items[i], &view, PyBUF_SIMPLE)
+        try:
+            mlen = view.len
+            if pos + 8 + mlen > total:
+                raise RuntimeError("message changed size while encoding")
+            store_be32(o + pos, <uint32_t>mlen)
+            store_be32(o + pos + 4, <uint32_t>crc32_update(0, <const unsigned char*>view.buf, mlen))
+            memcpy(o + pos + 8, view.buf, mlen)
+            pos += 8 + mlen
+        finally:
+            PyBuffer_Release(&view)
+    if pos != total:
+        raise RuntimeError("message changed size while encoding")
+    return out
+
+
+def parse_publish(payload):
+    """Split a ``PUB`` payload: ``(topic, messages, bad_index)``."""
+    cdef Py_buffer view
+    cdef const unsigned char* p
+    cdef Py_ssize_t end, pos, n, i, tlen
+    cdef uint32_t count, crc
+    cdef list messages
+    cdef bytes msg, topic
+    cdef Py_ssize_t bad = -1
+    PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+    try:
+        p = <const unsigned char*>view.buf
+        end = view.len
+        if end < 2:
+            raise ProtocolError("truncated string")
+        tlen = (<Py_ssize_t>p[0] << 8) | p[1]
+        if end - 2 < tlen:
+            raise ProtocolError("truncated string")
+        topic = PyBytes_FromStringAndSize(<const char*>p + 2, tlen)
+        pos = 2 + tlen
+        if end - pos < 4:
+            raise ProtocolError("PUB: missing message count")
+        count = load_be32(p + pos)
+        pos += 4
+        if count > <uint32_t>((end - pos) // 8):
+            raise ProtocolError("PUB: count %d does not fit the frame" % count)
+        messages = PyList_New(count)
+        for i in range(count):
+            if end - pos < 8:
+                raise ProtocolError("PUB: truncated message header")
+            n = load_be32(p + pos)
+            crc = load_be32(p + pos + 4)
+            pos += 8
+            if end - pos < n:
+                raise ProtocolError("PUB: truncated message")
+            msg = PyBytes_FromStringAndSize(<const char*>p + pos, n)
+            Py_INCREF(msg)
+            PyList_SET_ITEM(messages, i, msg)
+            if bad < 0 and <uint32_t>crc32_update(0, p + pos, n) != crc:
+                bad = i
+            pos += n
+        if pos != end:
+            raise ProtocolError("PUB: %d trailing bytes" % (end - pos))
+        return topic, messages, bad
+    finally:
+        PyBuffer_Release(&view)
+
+
+def message_frame(buf, rid, topic, from_offset, end_offset, max_bytes):
+    """A ``MSG`` frame of stored records, forwarded without re-encoding."""
+    cdef Py_buffer view
+    cdef const unsigned char* p
+    cdef Py_ssize_t end, pos = 0, first = -1, size, tlen
+    cdef Py_ssize_t count = 0
+    cdef RecordHeader hdr
+    cdef uint64_t lo, hi, nxt
+    cdef Py_ssize_t limit = max_bytes
+    cdef bytes t, out
+    cdef unsigned char* o
+    if from_offset < 0 or end_offset < 0:
+        raise ValueError("offsets must be >= 0")
+    lo = from_offset
+    hi = end_offset
+    nxt = lo
+    t = bytes(topic)
+    tlen = len(t)
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        p = <const unsigned char*>view.buf
+        end = view.len
+        while end - pos >= RECORD_HEADER_SIZE:
+            read_header(p + pos, &hdr)
+            if hdr.length < RECORD_MIN_LENGTH:
+                raise CorruptRecordError(pos, "length %d below minimum" % hdr.length)
+            if <Py_ssize_t>hdr.length > end - pos - 4 or hdr.offset >= hi:
+                break
+            if not crc_matches(p + pos, &hdr):
+                raise CorruptRecordError(pos, "checksum mismatch")
+            if hdr.offset >= lo:
+                if first < 0:
+                    first = pos
+                elif pos + 4 + <Py_ssize_t>hdr.length - first > limit:
+                    break
+                count += 1
+            nxt = hdr.offset + 1
+            pos += 4 + hdr.length
+        if not count:
+            return b"", 0, max(<object>nxt, from_offset), pos
+        size = pos - first
+        out = PyBytes_FromStringAndSize(NULL, 4 + _FRAME_HEADER + 2 + tlen + 4 + size)
+        o = <unsigned char*>PyBytes_AS_STRING(out)
+        store_be32(o, <uint32_t>(_FRAME_HEADER + 2 + tlen + 4 + size))
+        memcpy(o + 4, b"MSG", 3)
+        store_be32(o + 7, <uint32_t>rid)
+        o[11] = <unsigned char>(tlen >> 8)
+        o[12] = <unsigned char>tlen
+        memcpy(o + 13, PyBytes_AS_STRING(t), tlen)
+        store_be32(o + 13 + tlen, <uint32_t>count)
+        memcpy(o + 17 + tlen, p + first, size)
+        return out, count, <object>nxt, pos
+    finally:
+        PyBuffer_Release(&view)
+
+
+def parse_messages(payload):
+    """Decode a ``MSG`` payload: ``(topic, [(offset, time_ms, value), ...])``."""
+    topic, pos = read_str(payload, 0)
+    if len(payload) - pos < 4:
+        raise ProtocolError("MSG: missing record count")
+    count = int.from_bytes(payload[pos:pos + 4], "big")
+    pos += 4
+    out, stop = decode_records(payload, 0, (1 << 63) - 1, pos)
+    if len(out) != count or stop != len(payload):
+        raise CorruptRecordError(stop, "MSG: %d of %d records decoded" % (len(out), count))
+    return topic, out

@@ -1,0 +1,16 @@
+"""Client library for protocol v1: blocking and asyncio.
+
+- :class:`Client`: blocking, for scripts and threads
+- :class:`AsyncClient`: asyncio
+- :class:`Message`: what subscriptions yield
+- exceptions in :mod:`broker.client.errors`, one per broker error code
+"""
+
+from .aio import AsyncClient, Producer as AsyncProducer, Subscription as AsyncSubscription
+from .errors import *  # noqa: F401,F403
+from .errors import __all__ as _errors_all
+from .message import Message
+from .sync import Client, Producer, Subscription
+
+__all__ = ["Client", "AsyncClient", "Message", "Producer", "Subscription",
+           "AsyncProducer", "AsyncSubscription", *_errors_all]

@@ -1,0 +1,236 @@
+"""Protocol v1 command handlers, mixed into :class:`Connection`.
+
+A connection starts in v0. A first frame of type ``HEL`` switches it to v1
+for good: the v0 reader stops in front of the ``HEL`` frame and hands the
+unparsed bytes to a :class:`wire1.V1Reader`. From then on every request
+carries a request id, and every refusal gets an ``ERR`` frame with a
+stable code (``broker/errors.py``). The layouts are in docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import uuid
+
+from .. import __version__
+from ..codec import wire1
+from ..errors import ErrorCode
+from ..protocol import PROTOCOL_VERSION
+from ..topics import InvalidTopic
+from .delivery import Subscription
+
+log = logging.getLogger(__name__)
+
+_U16 = struct.Struct(">H")
+_U64 = struct.Struct(">Q")
+_ACK = struct.Struct(">QI")
+_ERR = struct.Struct(">H")
+_SPEC = struct.Struct(">Bq")  # from-mode, value
+
+_K = wire1.KINDS
+
+
+class V1Handlers:
+    """The v1 half of a Connection (state lives on the Connection)."""
+
+    def _enter_v1(self) -> None:
+        rest = self.reader.detach()
+        self.version = 1
+        self.reader = wire1.V1Reader(self.broker.config.max_frame_bytes)
+        self._v1_handlers = {
+            _K[b"HEL"]: self._v1_hel,
+            _K[b"PUB"]: self._v1_pub,
+            _K[b"SUB"]: self._v1_sub,
+            _K[b"UNS"]: self._v1_uns,
+            _K[b"CMT"]: self._v1_cmt,
+            _K[b"SEK"]: self._v1_sek,
+            _K[b"PNG"]: self._v1_png,
+            _K[b"TOP"]: self._v1_top,
+            _K[b"OFS"]: self._v1_ofs,
+            _K[b"STA"]: self._v1_sta,
+        }
+        if rest:
+            self._v1_data(rest)
+
+    def _v1_data(self, data) -> None:
+        events = self.reader.feed(data)
+        nbytes = len(data)
+        handlers = self._v1_handlers
+        for kind, rid, payload in events:
+            if self.closed:
+                return
+            handler = handlers.get(kind)
+            if handler is not None:
+                if self.client_id is None and kind != _K[b"HEL"]:
+                    self._v1_error(rid, ErrorCode.NOT_IDENTIFIED, "send HEL first")
+                    continue
+                try:
+                    handler(rid, payload, nbytes)
+                except (wire1.ProtocolError, struct.error, UnicodeDecodeError) as exc:
+                    self.broker.counters["malformed"] += 1
+                    self._v1_error(rid, ErrorCode.BAD_REQUEST, "malformed request: %s" % exc)
+                nbytes = 0
+            elif kind == wire1.K_CLOSE:
+                self.transport.close()
+            elif kind == wire1.K_ERROR:
+                self.broker.counters["bad_frames"] += 1
+                code = ErrorCode.FRAME_TOO_LARGE if "exceeds" in payload else ErrorCode.BAD_FRAME
+                self._v1_error(0, code, payload)
+                log.warning("%s: %s; closing the connection", self.peer, payload)
+                self.transport.close()
+            else:
+                self.broker.counters["unknown_commands"] += 1
+                self._v1_error(rid, ErrorCode.UNKNOWN_COMMAND,
+                               "unknown frame type %r" % (payload if kind == wire1.K_UNKNOWN else kind))
+
+    # -- replies -------------------------------------------------------------
+
+    def _v1_reply(self, rid: int, payload: bytes = b"") -> None:
+        if not self.closed:
+            self.transport.write(wire1.encode(b"RES", rid, payload))
+
+    def _v1_json(self, rid: int, obj) -> None:
+        self._v1_reply(rid, json.dumps(obj, separators=(",", ":")).encode())
+
+    def _v1_error(self, rid: int, code: int, text: str) -> None:
+        if not self.closed:
+            payload = _ERR.pack(code) + wire1.pack_str(text[:1000])
+            self.transport.write(wire1.encode(b"ERR", rid, payload))
+
+    def _v1_topic(self, rid: int, name: bytes):
+        try:
+            return self.broker.topic(name)
+        except InvalidTopic as exc:
+            self.broker.counters["invalid_topics"] += 1
+            self._v1_error(rid, ErrorCode.INVALID_TOPIC, str(exc))
+            return None
+
+    # -- handlers --------------------------------------------------------------
+
+    def _v1_hel(self, rid: int, payload: bytes, nbytes: int) -> None:
+        if self.client_id is not None:
+            self._v1_error(rid, ErrorCode.BAD_REQUEST, "HEL was already sent")
+            return
+        version = _U16.unpack_from(payload, 0)[0]
+        client_id, _ = wire1.read_str(payload, 2)
+        if version != PROTOCOL_VERSION:
+            self._v1_error(rid, ErrorCode.UNSUPPORTED_VERSION,
+                           "protocol version %d not supported; this broker speaks %d"
+                           % (version, PROTOCOL_VERSION))
+            self.transport.close()
+            return
+        if len(client_id) > 255:
+            self._v1_error(rid, ErrorCode.BAD_REQUEST, "client id longer than 255 bytes")
+            return
+        if not client_id:
+            client_id = str(uuid.uuid4()).encode("ascii")
+        self.broker.bind_client(self, client_id)
+        self._v1_reply(rid, _U16.pack(PROTOCOL_VERSION) + wire1.pack_str(client_id)
+                       + wire1.pack_str(__version__))
+
+    def _v1_pub(self, rid: int, payload: bytes, nbytes: int) -> None:
+        name, messages, bad = wire1.parse_publish(payload)
+        if bad >= 0:
+            self.broker.counters["bad_crc"] += 1
+            self._v1_error(rid, ErrorCode.BAD_CRC,
+                           "CRC mismatch in message %d; batch of %d not stored" % (bad, len(messages)))
+            return
+        topic = self._v1_topic(rid, name)
+        if topic is None:
+            return
+        if not messages:
+            self.transport.write(wire1.encode(b"ACK", rid, _ACK.pack(topic.next_offset, 0)))
+            return
+
+        def on_stored(base, count, error, conn=self, rid=rid):
+            if conn.closed:
+                return
+            if error is None:
+                conn.transport.write(wire1.encode(b"ACK", rid, _ACK.pack(base, count)))
+            else:
+                conn._v1_error(rid, ErrorCode.STORAGE_ERROR, "not stored: %s" % error)
+
+        self.broker.publish(topic, messages, nbytes or len(payload), self.transport, on_stored)
+
+    def _v1_sub(self, rid: int, payload: bytes, nbytes: int) -> None:
+        name, pos = wire1.read_str(payload, 0)
+        mode, value = _SPEC.unpack_from(payload, pos)
+        topic = self._v1_topic(rid, name)
+        if topic is None:
+            return
+        if topic.name in self.subs:
+            self._v1_error(rid, ErrorCode.ALREADY_SUBSCRIBED, "already subscribed to %s" % topic.name)
+            return
+        offset = self._v1_resolve(rid, topic, mode, value)
+        if offset is None:
+            return
+        name_bytes = topic.name_bytes
+        message_frame = wire1.message_frame
+
+        def convert(buf, from_offset, end_offset, max_bytes):
+            return message_frame(buf, rid, name_bytes, from_offset, end_offset, max_bytes)
+
+        sub = Subscription(self, topic, offset, convert, auto_commit=False)
+        self._v1_reply(rid, _U64.pack(offset))
+        self.subs[topic.name] = sub
+        topic.subscribers.add(sub)
+        self.schedule_delivery()
+
+    def _v1_uns(self, rid: int, payload: bytes, nbytes: int) -> None:
+        name, _ = wire1.read_str(payload, 0)
+        sub = self.subs.get(name.decode("ascii", "replace"))
+        if sub is None:
+            self._v1_error(rid, ErrorCode.NOT_SUBSCRIBED, "not subscribed to %r" % name[:64])
+            return
+        self.remove_subscription(sub)
+        self._v1_reply(rid)
+
+    def _v1_cmt(self, rid: int, payload: bytes, nbytes: int) -> None:
+        name, pos = wire1.read_str(payload, 0)
+        offset = _U64.unpack_from(payload, pos)[0]
+        topic = self._v1_topic(rid, name)
+        if topic is None:
+            return
+        if offset > topic.end_offset:
+            self._v1_error(rid, ErrorCode.INVALID_OFFSET,
+                           "cannot commit %d: topic %s ends at %d" % (offset, topic.name, topic.end_offset))
+            return
+        self.broker.commit_offset(self.client_id, topic.name, offset)
+        self._v1_reply(rid)
+
+    def _v1_sek(self, rid: int, payload: bytes, nbytes: int) -> None:
+        name, pos = wire1.read_str(payload, 0)
+        mode, value = _SPEC.unpack_from(payload, pos)
+        sub = self.subs.get(name.decode("ascii", "replace"))
+        if sub is None:
+            self._v1_error(rid, ErrorCode.NOT_SUBSCRIBED, "not subscribed to %r" % name[:64])
+            return
+        offset = self._v1_resolve(rid, sub.topic, mode, value)
+        if offset is None:
+            return
+        sub.offset = offset
+        self._v1_reply(rid, _U64.pack(offset))
+        self.schedule_delivery()
+
+    def _v1_png(self, rid: int, payload: bytes, nbytes: int) -> None:
+        self.transport.write(wire1.encode(b"POG", rid))
+
+    def _v1_top(self, rid: int, payload: bytes, nbytes: int) -> None:
+        self._v1_json(rid, self.broker.describe_topics())
+
+    def _v1_ofs(self, rid: int, payload: bytes, nbytes: int) -> None:
+        client_id, _ = wire1.read_str(payload, 0) if payload else (b"", 0)
+        self._v1_json(rid, self.broker.describe_offsets(client_id or None))
+
+    def _v1_sta(self, rid: int, payload: bytes, nbytes: int) -> None:
+        self._v1_json(rid, self.broker.stats())
+
+    def _v1_resolve(self, rid: int, topic, mode: int, value: int):
+        try:
+            return self.broker.resolve_offset(self.client_id, topic, mode, value)
+        except ValueError as exc:
+            self._v1_error(rid, ErrorCode.INVALID_OFFSET, str(exc))
+            return None
+
