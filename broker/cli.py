@@ -50,20 +50,85 @@ def main() -> None:
                    "--fsync-interval-ms apart; never: the OS decides.")
 @click.option("--fsync-interval-ms", envvar="PYLOGSTREAMS_FSYNC_INTERVAL_MS", type=click.IntRange(1), default=_DEFAULTS.fsync_interval_ms,
               show_default=True, show_envvar=True, help="With --fsync interval.")
+@click.option("--max-connections", envvar="PYLOGSTREAMS_MAX_CONNECTIONS", type=click.IntRange(1),
+              default=_DEFAULTS.max_connections, show_default=True, show_envvar=True,
+              help="Connections at once; more are closed on accept.")
+@click.option("--max-connections-per-ip", envvar="PYLOGSTREAMS_MAX_CONNECTIONS_PER_IP",
+              type=click.IntRange(1), default=_DEFAULTS.max_connections_per_ip, show_default=True,
+              show_envvar=True, help="Connections at once from one address.")
+@click.option("--max-topics", envvar="PYLOGSTREAMS_MAX_TOPICS", type=click.IntRange(1),
+              default=_DEFAULTS.max_topics, show_default=True, show_envvar=True,
+              help="Topics; creating one more is refused.")
+@click.option("--max-subscriptions", envvar="PYLOGSTREAMS_MAX_SUBSCRIPTIONS", type=click.IntRange(1),
+              default=_DEFAULTS.max_subscriptions, show_default=True, show_envvar=True,
+              help="Subscriptions on one connection.")
+@click.option("--read-timeout", envvar="PYLOGSTREAMS_READ_TIMEOUT", type=click.FloatRange(min=0.01),
+              default=_DEFAULTS.read_timeout, show_default=True, show_envvar=True,
+              help="Seconds a partly received frame may wait for the rest (slow-client defence).")
+@click.option("--tls-cert", envvar="PYLOGSTREAMS_TLS_CERT", type=click.Path(dir_okay=False, exists=True),
+              default=None, show_envvar=True, help="PEM certificate chain: serve TLS.")
+@click.option("--tls-key", envvar="PYLOGSTREAMS_TLS_KEY", type=click.Path(dir_okay=False, exists=True),
+              default=None, show_envvar=True, help="PEM private key for --tls-cert.")
+@click.option("--auth-file", envvar="PYLOGSTREAMS_AUTH_FILE", type=click.Path(dir_okay=False, exists=True),
+              default=None, show_envvar=True,
+              help="TOML file of users and permissions (docs/security.md): require authentication.")
+@click.option("--metrics-port", envvar="PYLOGSTREAMS_METRICS_PORT", type=click.IntRange(0, 65535),
+              default=None, show_envvar=True, help="Serve /metrics and /healthz over HTTP on this port.")
+@click.option("--metrics-host", envvar="PYLOGSTREAMS_METRICS_HOST", default=None, show_envvar=True,
+              help="Address for --metrics-port (default: --host).")
 @click.option("--log-level", envvar="PYLOGSTREAMS_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True, show_envvar=True)
-def serve(pure: bool, log_level: str, **options) -> None:
+@click.option("--log-format", envvar="PYLOGSTREAMS_LOG_FORMAT", type=click.Choice(["text", "json"]),
+              default="text", show_default=True, show_envvar=True,
+              help="json: one JSON object per log line.")
+def serve(pure: bool, log_level: str, log_format: str, **options) -> None:
     """Run the broker until SIGTERM or SIGINT (Ctrl-C)."""
     if pure:
         # Must happen before broker.codec is first imported.
         os.environ["PYLOGSTREAMS_NO_EXTENSIONS"] = "1"
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = Config(**options)
+    _setup_logging(log_level, log_format)
+    try:
+        config = Config(**options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     try:
         _run(_serve(config))
     except OSError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (+ exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+        out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + ".%03dZ" % record.msecs,
+               "level": record.levelname.lower(), "logger": record.name,
+               "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        formatter: logging.Formatter = _JsonFormatter()
+        formatter.converter = __import__("time").gmtime
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+@main.command("hash-secret")
+@click.password_option("--secret", prompt="Secret", help="The password or token to hash.")
+def hash_secret(secret: str) -> None:
+    """Print the scrypt hash of a secret, for the users file of --auth-file."""
+    from .auth import hash_secret as _hash
+    click.echo(_hash(secret))
 
 
 def _run(coro) -> None:
@@ -101,6 +166,15 @@ async def _serve(config: Config) -> None:
 # -- client tools -------------------------------------------------------------
 
 def _client_options(f):
+    f = click.option("--secret", default=None, envvar="PYLOGSTREAMS_SECRET",
+                     help="Secret for --user (prefer the environment variable).")(f)
+    f = click.option("--user", default=None, envvar="PYLOGSTREAMS_USER",
+                     help="Authenticate as this user.")(f)
+    f = click.option("--tls-ca", default=None, envvar="PYLOGSTREAMS_TLS_CA",
+                     type=click.Path(dir_okay=False, exists=True),
+                     help="Connect with TLS, trusting this CA file.")(f)
+    f = click.option("--tls", is_flag=True, default=False, envvar="PYLOGSTREAMS_TLS",
+                     help="Connect with TLS, trusting the system's CAs.")(f)
     f = click.option("--client-id", default=None, envvar="PYLOGSTREAMS_CLIENT_ID",
                      help="Client id (offsets are stored per client id).")(f)
     f = click.option("--port", type=click.IntRange(1, 65535), default=_DEFAULTS.port,
@@ -110,12 +184,24 @@ def _client_options(f):
     return f
 
 
-def _connect(host: str, port: int, client_id: str | None = None):
-    from .client import Client, ConnectionLost
+_SECURITY = ("tls", "tls_ca", "user", "secret")
+
+
+def _connect(host: str, port: int, client_id: str | None = None, *, tls: bool = False,
+             tls_ca: str | None = None, user: str | None = None, secret: str | None = None):
+    from .client import BrokerError, Client, ConnectionLost
+    context = None
+    if tls or tls_ca:
+        import ssl
+        context = ssl.create_default_context(cafile=tls_ca)
     try:
-        return Client(host, port, client_id=client_id, reconnect=False)
+        return Client(host, port, client_id=client_id, reconnect=False, ssl=context,
+                      user=user, secret=secret)
     except ConnectionLost as exc:
-        raise click.ClickException("broker not reachable at %s:%d (%s)" % (host, port, exc.__cause__ or exc)) from None
+        raise click.ClickException("broker not reachable at %s:%d (%s)"
+                                   % (host, port, exc.__cause__ or exc)) from None
+    except BrokerError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 class _Progress:
@@ -161,10 +247,10 @@ class _Progress:
 @click.option("--batch", type=click.IntRange(1, 100_000), default=1000, show_default=True,
               help="Messages per PUB frame when reading stdin.")
 def pub(host: str, port: int, client_id: str | None, topic: str, message: str | None,
-        verbose: bool, batch: int) -> None:
+        verbose: bool, batch: int, **security) -> None:
     """Publish MESSAGE, or every line of stdin as one message, to TOPIC."""
     from .client import BrokerError
-    with _connect(host, port, client_id) as client:
+    with _connect(host, port, client_id, **security) as client:
         try:
             if message is not None:
                 offset = client.publish(topic, message.encode())
@@ -206,13 +292,13 @@ def pub(host: str, port: int, client_id: str | None, topic: str, message: str | 
 @click.option("--count", type=click.IntRange(1), default=None, help="Exit after N messages.")
 @click.option("--format", "fmt", type=click.Choice(["raw", "json"]), default="raw", show_default=True)
 def sub(host: str, port: int, client_id: str | None, topic: str, start: str, count: int | None,
-        fmt: str) -> None:
+        fmt: str, **security) -> None:
     """Print the messages of TOPIC, one per line, as they arrive."""
     import json
     from .client import BrokerError
     spec = _parse_start(start)
     out = sys.stdout.buffer
-    with _connect(host, port, client_id) as client:
+    with _connect(host, port, client_id, **security) as client:
         try:
             # Without a --client-id the broker makes one up: storing offsets
             # under a throwaway id would only clutter the offsets store.
@@ -266,24 +352,24 @@ def _table(rows: list[dict], columns: list[str]) -> None:
 
 @main.command()
 @_client_options
-def topics(host: str, port: int, client_id: str | None) -> None:
+def topics(host: str, port: int, client_id: str | None, **security) -> None:
     """List topics: messages, bytes, first and next offset."""
-    with _connect(host, port, client_id) as client:
+    with _connect(host, port, client_id, **security) as client:
         _table(client.topics(), ["topic", "messages", "bytes", "first_offset", "next_offset"])
 
 
 @main.command()
 @_client_options
-def offsets(host: str, port: int, client_id: str | None) -> None:
+def offsets(host: str, port: int, client_id: str | None, **security) -> None:
     """Committed offset and lag per client and topic (only --client-id's if given)."""
-    with _connect(host, port, None) as client:
+    with _connect(host, port, None, **security) as client:
         _table(client.offsets(client_id), ["client_id", "topic", "offset", "end_offset", "lag"])
 
 
 @main.command()
 @_client_options
-def stats(host: str, port: int, client_id: str | None) -> None:
+def stats(host: str, port: int, client_id: str | None, **security) -> None:
     """Broker statistics."""
-    with _connect(host, port, client_id) as client:
+    with _connect(host, port, client_id, **security) as client:
         for key, value in sorted(client.stats().items()):
             click.echo("%s: %s" % (key, value))

@@ -44,6 +44,21 @@ class Config:
     max_open_segments: int = 256          # segment files open for reading, broker-wide (LRU)
     max_open_writers: int = 128           # active segments open for appending (2 fds each, LRU)
 
+    # Limits (docs/security.md). Each refusal is logged and counted; a v1
+    # client gets ERR LIMIT_EXCEEDED.
+    max_connections: int = 20_000         # connections at once; more are closed on accept
+    max_connections_per_ip: int = 5_000   # connections at once from one address
+    max_topics: int = 10_000              # topics; creating one more is refused
+    max_subscriptions: int = 1_000        # subscriptions on one connection
+    read_timeout: float = 30.0            # seconds a partial frame may wait for its rest
+    # Security (docs/security.md).
+    tls_cert: str | None = None           # PEM certificate chain: serve TLS when set
+    tls_key: str | None = None            # PEM private key for tls_cert
+    auth_file: str | None = None          # TOML users file: require AUT (v1) when set
+    # Observability.
+    metrics_port: int | None = None       # HTTP /metrics and /healthz on host:metrics_port
+    metrics_host: str | None = None       # defaults to host
+
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
             raise ValueError("fsync must be one of %s" % ", ".join(FSYNC_POLICIES))
@@ -57,3 +72,11 @@ class Config:
             raise ValueError("max_frame_bytes must be at least 16")
         if self.max_frame_bytes > 0x7FFFFFFF:
             raise ValueError("max_frame_bytes must fit in 31 bits")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        for name in ("max_connections", "max_connections_per_ip", "max_topics",
+                     "max_subscriptions"):
+            if getattr(self, name) < 1:
+                raise ValueError("%s must be at least 1" % name)
+        if self.read_timeout <= 0:
+            raise ValueError("read_timeout must be positive")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["ErrorCode"]
+__all__ = ["ErrorCode", "LimitError"]
 
 
 class ErrorCode(enum.IntEnum):
@@ -28,3 +28,7 @@ class ErrorCode(enum.IntEnum):
     ALREADY_SUBSCRIBED = 12  # SUB twice for one topic on one connection
     LIMIT_EXCEEDED = 13      # a configured limit (connections, topics, ...) was reached
     UNAUTHORIZED = 14        # authentication missing or permissions lacking
+
+
+class LimitError(Exception):
+    """A configured limit (topics, subscriptions, ...) refused a request."""

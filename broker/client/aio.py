@@ -125,7 +125,8 @@ class AsyncClient:
                  client_id: str | bytes | None = None, heartbeat: float = 30.0,
                  reconnect: bool = True, connect_timeout: float = 10.0,
                  request_timeout: float = 30.0, max_frame_bytes: int = 1 << 20,
-                 max_buffered: int = 10_000) -> None:
+                 max_buffered: int = 10_000, ssl=None, user: str | None = None,
+                 secret: str | bytes | None = None) -> None:
         self.host = host
         self.port = port
         self._client_id = _topic_bytes(client_id) if client_id else b""  # b"": let the broker pick
@@ -135,6 +136,9 @@ class AsyncClient:
         self.request_timeout = request_timeout
         self.max_frame_bytes = max_frame_bytes    # largest frame this client sends or accepts
         self.max_buffered = max_buffered          # messages buffered per subscription
+        self.ssl = ssl                            # True, or an ssl.SSLContext: connect with TLS
+        self.user = user                          # authenticate as this user (AUT) if set
+        self._secret = _value_bytes(secret) if secret is not None else b""
         self._proto: _Protocol | None = None
         self._rids = itertools.count(1)           # request ids (0 is "no request")
         self._pending: dict[int, asyncio.Future] = {}   # rid -> reply future
@@ -144,6 +148,7 @@ class AsyncClient:
         self._reconnecting: asyncio.Task | None = None
         self._connected = asyncio.Event()
         self._read_paused_by: set = set()         # subscriptions whose buffer is full
+        self._ever_connected = False              # reconnect only what once connected
 
     # -- connection ----------------------------------------------------------
 
@@ -171,7 +176,9 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         try:
             _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: _Protocol(self), self.host, self.port),
+                loop.create_connection(lambda: _Protocol(self), self.host, self.port,
+                                       ssl=self.ssl or None,
+                                       server_hostname=self.host if self.ssl else None),
                 self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             raise ConnectionLost("cannot connect to %s:%d: %s" % (self.host, self.port, exc)) from exc
@@ -180,8 +187,17 @@ class AsyncClient:
         reply = await self._call_on(proto, b"HEL", payload)
         _version = _U16.unpack_from(reply, 0)[0]
         self._client_id, _ = wire1.read_str(reply, 2)
+        if self.user is not None:
+            try:
+                await self._call_on(proto, b"AUT", wire1.pack_str(self.user)
+                                    + wire1.pack_str(self._secret))
+            except BaseException:
+                proto.transport.abort()
+                raise
         self._connected.set()
-        self._schedule_heartbeat()
+        self._ever_connected = True
+        if self._heartbeat is None:
+            self._schedule_heartbeat()
 
     async def close(self) -> None:
         """Commit what subscriptions processed, then close the connection."""
@@ -234,7 +250,7 @@ class AsyncClient:
             self.host, self.port, ": %s" % exc if exc else "")))
         if self._closing:
             return
-        if self.reconnect:
+        if self.reconnect and self._ever_connected and self._reconnecting is None:
             self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
 
     async def _reconnect(self) -> None:

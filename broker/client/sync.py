@@ -68,7 +68,10 @@ class Client:
         try:
             self._lt.run(self._aclient.connect())
         except BaseException:
-            self._lt.stop()
+            try:
+                self._lt.run(self._aclient.close(), timeout=5)
+            finally:
+                self._lt.stop()
             raise
 
     @property

@@ -16,7 +16,9 @@ import collections
 import logging
 
 from .. import codec
+from ..auth import Authenticator
 from ..config import Config
+from ..errors import LimitError
 from ..protocol import From
 from ..storage import DiskWriter, LogStore, TopicLog
 from ..topics import validate_topic
@@ -44,6 +46,12 @@ class Broker:
         self._closed: asyncio.Future | None = None   # resolved when all connections are gone
         self.port: int | None = None                 # bound port once started
         self.counters: collections.Counter = collections.Counter()  # events by kind
+        self.per_ip: collections.Counter = collections.Counter()    # open connections by address
+        self.topic_in: collections.Counter = collections.Counter()  # messages published, by topic
+        self.topic_out: collections.Counter = collections.Counter()  # messages delivered, by topic
+        cfg = self.config
+        self.auth = Authenticator.load(cfg.auth_file) if cfg.auth_file else None
+        self.metrics = None                          # the /metrics HTTP server, if enabled
 
     # -- life cycle ----------------------------------------------------------
 
@@ -56,11 +64,23 @@ class Broker:
             fsync_interval_ms=cfg.fsync_interval_ms, high_water=cfg.append_high_water,
             low_water=cfg.append_low_water, on_written=self._on_written, store=self.store)
         self.writer.start()
+        ssl_context = None
+        if cfg.tls_cert:
+            import ssl
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
         self._server = await self.loop.create_server(
-            lambda: Connection(self), cfg.host, cfg.port, reuse_address=True, backlog=4096)
+            lambda: Connection(self), cfg.host, cfg.port, reuse_address=True, backlog=4096,
+            ssl=ssl_context)
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("serving on %s:%d, data dir %s, codec %s, loop %s", cfg.host, self.port,
-                 self.store.data_dir, codec.IMPLEMENTATION, type(self.loop).__module__)
+        if cfg.metrics_port is not None:
+            from .metrics import MetricsServer
+            self.metrics = MetricsServer(self)
+            await self.metrics.start(cfg.metrics_host or cfg.host, cfg.metrics_port)
+        log.info("serving on %s:%d%s, data dir %s, codec %s, loop %s, auth %s", cfg.host,
+                 self.port, " (TLS)" if ssl_context else "", self.store.data_dir,
+                 codec.IMPLEMENTATION, type(self.loop).__module__,
+                 "on" if self.auth else "off")
 
     async def stop(self) -> None:
         """Stop accepting, let connections flush, write and fsync everything."""
@@ -79,6 +99,8 @@ class Broker:
                 for conn in list(self.connections):
                     conn.transport.abort()
         await self._server.wait_closed()
+        if self.metrics is not None:
+            await self.metrics.stop()
         await self.writer.close()
         self.store.close()
         self._server = None
@@ -86,15 +108,34 @@ class Broker:
 
     # -- used by connections -------------------------------------------------
 
-    def connection_made(self, conn: Connection) -> None:
+    def connection_made(self, conn: Connection) -> bool:
+        """Admit ``conn``, or say no (the connection then closes itself)."""
+        cfg = self.config
+        if len(self.connections) >= cfg.max_connections:
+            self.counters["refused_connections"] += 1
+            log.warning("%s: refused, %d connections open (--max-connections)",
+                        conn.peer, len(self.connections))
+            return False
+        if self.per_ip[conn.ip] >= cfg.max_connections_per_ip:
+            self.counters["refused_connections"] += 1
+            log.warning("%s: refused, %d connections from this address (--max-connections-per-ip)",
+                        conn.peer, self.per_ip[conn.ip])
+            return False
         self.connections.add(conn)
+        self.per_ip[conn.ip] += 1
         self.counters["connections_accepted"] += 1
+        return True
 
     def connection_lost(self, conn: Connection) -> None:
+        if conn not in self.connections:
+            return
         self.connections.discard(conn)
+        self.per_ip[conn.ip] -= 1
+        if not self.per_ip[conn.ip]:
+            del self.per_ip[conn.ip]
         if conn.client_id is not None and self.clients.get(conn.client_id) is conn:
             del self.clients[conn.client_id]
-        self.writer.forget(conn.transport)
+        self.writer.forget(conn)
         if self._closed is not None and not self.connections and not self._closed.done():
             self._closed.set_result(None)
 
@@ -116,7 +157,11 @@ class Broker:
         """The log for a wire topic name; validates and creates on first use."""
         topic = self._topics.get(name)
         if topic is None:
-            topic = self.store.get_or_create(validate_topic(name))
+            valid = validate_topic(name)
+            if valid not in self.store.topics and len(self.store.topics) >= self.config.max_topics:
+                self.counters["refused_topics"] += 1
+                raise LimitError("topic limit reached (%d, --max-topics)" % self.config.max_topics)
+            topic = self.store.get_or_create(valid)
             self._topics[name] = topic
         return topic
 
@@ -125,6 +170,7 @@ class Broker:
         """Queue a batch for ``topic``; see :meth:`DiskWriter.append`."""
         topic.next_offset += len(messages)
         self.counters["messages_in"] += len(messages)
+        self.topic_in[topic.name] += len(messages)
         self.writer.append(topic, messages, nbytes, transport, on_stored)
 
     def commit_offset(self, client_id: bytes, topic: str, offset: int) -> None:
@@ -186,6 +232,10 @@ class Broker:
             sub.conn.schedule_delivery()
 
     # -- introspection -------------------------------------------------------
+
+    def healthy(self) -> bool:
+        """Serving, with a live disk thread."""
+        return self._server is not None and self.writer is not None and self.writer.alive
 
     def stats(self) -> dict:
         """Counters and gauges, for tests, logs and (later) metrics."""

@@ -17,7 +17,9 @@ import collections
 import logging
 import uuid
 
+from ..auth import ANYONE
 from ..codec import frames, records
+from ..errors import LimitError
 from ..protocol import From
 from ..topics import InvalidTopic
 from .delivery import Subscription
@@ -48,17 +50,25 @@ class Connection(V1Handlers, asyncio.Protocol):
         self.reader = frames.FrameReader(cfg.max_frame_bytes)  # incremental frame scanner
         self.transport: asyncio.Transport | None = None
         self.peer = "?"                       # "host:port" for log lines
+        self.ip = "?"                         # remote address, for per-address limits
+        # Who this is: everyone may do everything without an auth file;
+        # with one, None until authenticated (or anonymous, if allowed).
+        self.user = ANYONE if broker.auth is None else None
         self.version = 0                      # wire protocol: 0 until a HEL frame, then 1
         self.client_id: bytes | None = None   # set by REG, CID or HEL
         self.subs: dict[str, Subscription] = {}  # topic name -> subscription
         self.last_seen = 0.0                  # loop.time() of the last bytes received
         self.write_paused = False             # transport above its high-water mark
+        self._read_pauses: set[str] = set()   # why reading is paused: "disk", "replies"
+        self._partial_since = 0.0             # loop.time() a partial frame started waiting, or 0
         self.closed = False                   # connection_lost has run
         self._pump_handle: asyncio.Handle | None = None   # scheduled delivery callback
         self._timer: asyncio.TimerHandle | None = None    # heartbeat check
         self._sent = 0                        # bytes handed to the transport so far
         self._marks: collections.deque = collections.deque()  # (sent, sub, offset) uncommitted
         self._complaints = 0                  # bad-input warnings logged so far
+        self._auth_task: asyncio.Task | None = None  # a pending AUT check (v1)
+        self._auth_failures = 0               # failed AUTs; the third closes the connection
         self._handlers = {
             frames.OP_PNG: self._on_png,
             frames.OP_CID: self._on_cid,
@@ -79,18 +89,34 @@ class Connection(V1Handlers, asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         if peer:
+            self.ip = str(peer[0])
             self.peer = "%s:%s" % (peer[0], peer[1])
+        if not self.broker.connection_made(self):
+            self.closed = True
+            transport.abort()
+            return
         cfg = self.broker.config
         transport.set_write_buffer_limits(high=cfg.write_high_water, low=cfg.write_low_water)
         self.last_seen = self.loop.time()
-        self._timer = self.loop.call_at(self.last_seen + cfg.heartbeat_timeout, self._check_alive)
-        self.broker.connection_made(self)
+        self._timer = self.loop.call_at(self.last_seen + self._check_period(), self._check_alive)
 
     def data_received(self, data: bytes) -> None:
-        self.last_seen = self.loop.time()
+        now = self.last_seen = self.loop.time()
         if self.version:
             self._v1_data(data)
-            return
+        else:
+            self._v0_data(data)
+        if self.reader.buffered:
+            if not self._partial_since:
+                self._partial_since = now
+        else:
+            self._partial_since = 0.0
+        if self.write_paused and not self.closed:
+            # Replies are waiting on a client that isn't reading them: read
+            # no more requests from it until they drain (resume_writing).
+            self.pause_reading("replies")
+
+    def _v0_data(self, data: bytes) -> None:
         events = self.reader.feed(data)
         if not events:
             return
@@ -102,6 +128,9 @@ class Connection(V1Handlers, asyncio.Protocol):
                 if self.client_id is None:
                     self._refuse_unidentified()
                     return
+                if self.user is None:
+                    self._refuse_anonymous()
+                    return
                 self._on_pub(a, b, nbytes)
                 nbytes = 0  # the whole chunk is accounted to the first batch
                 continue
@@ -112,10 +141,19 @@ class Connection(V1Handlers, asyncio.Protocol):
                     and op != frames.OP_ERROR:
                 self._refuse_unidentified()
                 return
+            if self.user is None and op != OP_CLOSE and op != frames.OP_ERROR:
+                if self.broker.auth.allow_anonymous:
+                    self.user = self.broker.auth.anonymous
+                else:
+                    self._refuse_anonymous()
+                    return
             self._handlers[op](a, b)
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        if self._auth_task is not None:
+            self._auth_task.cancel()
+            self._auth_task = None
         if self._pump_handle is not None:
             self._pump_handle.cancel()
             self._pump_handle = None
@@ -136,8 +174,26 @@ class Connection(V1Handlers, asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.resume_reading("replies")
         self._commit_sent()
         self.schedule_delivery()
+
+    # Reading is paused for more than one reason at a time: the disk thread's
+    # backlog (DiskWriter calls these with no reason) and unread replies.
+
+    def pause_reading(self, reason: str = "disk") -> None:
+        if not self._read_pauses and not self.closed:
+            self.transport.pause_reading()
+        self._read_pauses.add(reason)
+
+    def resume_reading(self, reason: str = "disk") -> None:
+        if reason in self._read_pauses:
+            self._read_pauses.discard(reason)
+            if not self._read_pauses and not self.closed:
+                self.transport.resume_reading()
+
+    def is_closing(self) -> bool:
+        return self.closed or self.transport.is_closing()
 
     # -- commands ------------------------------------------------------------
 
@@ -145,7 +201,10 @@ class Connection(V1Handlers, asyncio.Protocol):
         topic = self._topic(topic_name, "PUB")
         if topic is None:
             return
-        self.broker.publish(topic, messages, nbytes, self.transport)
+        if not self.user.may_publish(topic.name):
+            self._refuse_permission("publish to", topic.name)
+            return
+        self.broker.publish(topic, messages, nbytes, self)
 
     def _on_reg(self, a, b) -> None:
         client_id = str(uuid.uuid4()).encode("ascii")
@@ -163,6 +222,14 @@ class Connection(V1Handlers, asyncio.Protocol):
     def _on_sub(self, topic_name: bytes, b) -> None:
         topic = self._topic(topic_name, "SUB")
         if topic is None or topic.name in self.subs:
+            return
+        if not self.user.may_subscribe(topic.name):
+            self._refuse_permission("subscribe to", topic.name)
+            return
+        if len(self.subs) >= self.broker.config.max_subscriptions:
+            self.broker.counters["refused_subscriptions"] += 1
+            self._complain("limit", "SUB %s refused: %d subscriptions on this connection "
+                           "(--max-subscriptions)" % (topic.name, len(self.subs)))
             return
         start = self.broker.resolve_offset(self.client_id, topic, From.COMMITTED, 0)
         sub = Subscription.v0(self, topic, start)
@@ -232,7 +299,19 @@ class Connection(V1Handlers, asyncio.Protocol):
         except InvalidTopic as exc:
             self.broker.counters["invalid_topics"] += 1
             self._complain("invalid_topic", "%s refused: %s" % (command, exc))
-            return None
+        except LimitError as exc:
+            self._complain("limit", "%s refused: %s" % (command, exc))
+        return None
+
+    def _refuse_anonymous(self) -> None:
+        self.broker.counters["unauthorized"] += 1
+        log.warning("%s: unauthenticated v0 client refused (allow_anonymous is off); closing",
+                    self.peer)
+        self.transport.abort()
+
+    def _refuse_permission(self, what: str, topic: str) -> None:
+        self.broker.counters["unauthorized"] += 1
+        self._complain("unauthorized", "%s may not %s %s" % (self.user.name, what, topic))
 
     def _refuse_unidentified(self) -> None:
         self.broker.counters["unidentified"] += 1
@@ -247,18 +326,36 @@ class Connection(V1Handlers, asyncio.Protocol):
                 log.warning("%s: further bad input from this connection is counted, not logged",
                             self.peer)
 
+    def _check_period(self) -> float:
+        cfg = self.broker.config
+        return min(cfg.heartbeat_timeout, cfg.read_timeout)
+
     def _check_alive(self) -> None:
+        """Close silent clients and clients that hold half a frame too long.
+
+        Runs once per min(heartbeat timeout, read timeout), not per read, so
+        liveness costs one timer per connection and period.
+        """
         self._timer = None
         if self.closed:
             return
-        timeout = self.broker.config.heartbeat_timeout
-        deadline = self.last_seen + timeout
-        if self.loop.time() >= deadline:
+        cfg = self.broker.config
+        now = self.loop.time()
+        if now - self.last_seen >= cfg.heartbeat_timeout:
             self.broker.counters["heartbeat_timeouts"] += 1
-            log.info("%s: silent for %.0f s, closing", self.peer, timeout)
+            log.info("%s: silent for %.0f s, closing", self.peer, cfg.heartbeat_timeout)
             self.transport.abort()
             return
-        self._timer = self.loop.call_at(deadline, self._check_alive)
+        if self._partial_since and now - self._partial_since >= cfg.read_timeout:
+            self.broker.counters["read_timeouts"] += 1
+            log.warning("%s: a frame incomplete for %.0f s (%d bytes held), closing",
+                        self.peer, cfg.read_timeout, self.reader.buffered)
+            self.transport.abort()
+            return
+        deadline = self.last_seen + cfg.heartbeat_timeout
+        if self._partial_since:
+            deadline = min(deadline, self._partial_since + cfg.read_timeout)
+        self._timer = self.loop.call_at(max(deadline, now + 0.001), self._check_alive)
 
     # -- delivery ------------------------------------------------------------
 
@@ -305,6 +402,7 @@ class Connection(V1Handlers, asyncio.Protocol):
                     break
                 out, count, nxt = got
                 transport.write(out)
+                self.broker.topic_out[sub.topic.name] += count
                 self._sent += len(out)
                 if sub.auto_commit:
                     self._marks.append((self._sent, sub, nxt))

@@ -16,7 +16,7 @@ import uuid
 
 from .. import __version__
 from ..codec import wire1
-from ..errors import ErrorCode
+from ..errors import ErrorCode, LimitError
 from ..protocol import PROTOCOL_VERSION
 from ..topics import InvalidTopic
 from .delivery import Subscription
@@ -30,6 +30,8 @@ _ERR = struct.Struct(">H")
 _SPEC = struct.Struct(">Bq")  # from-mode, value
 
 _K = wire1.KINDS
+# What an unauthenticated v1 connection may send.
+_OPEN_KINDS = frozenset((_K[b"HEL"], _K[b"AUT"], _K[b"PNG"]))
 
 
 class V1Handlers:
@@ -50,6 +52,7 @@ class V1Handlers:
             _K[b"TOP"]: self._v1_top,
             _K[b"OFS"]: self._v1_ofs,
             _K[b"STA"]: self._v1_sta,
+            _K[b"AUT"]: self._v1_aut,
         }
         if rest:
             self._v1_data(rest)
@@ -65,6 +68,10 @@ class V1Handlers:
             if handler is not None:
                 if self.client_id is None and kind != _K[b"HEL"]:
                     self._v1_error(rid, ErrorCode.NOT_IDENTIFIED, "send HEL first")
+                    continue
+                if self.user is None and kind not in _OPEN_KINDS:
+                    self.broker.counters["unauthorized"] += 1
+                    self._v1_error(rid, ErrorCode.UNAUTHORIZED, "authenticate with AUT first")
                     continue
                 try:
                     handler(rid, payload, nbytes)
@@ -99,13 +106,24 @@ class V1Handlers:
             payload = _ERR.pack(code) + wire1.pack_str(text[:1000])
             self.transport.write(wire1.encode(b"ERR", rid, payload))
 
-    def _v1_topic(self, rid: int, name: bytes):
+    def _v1_topic(self, rid: int, name: bytes, may=None):
+        """The topic named ``name``, or None after an ERR; ``may`` checks permission."""
         try:
-            return self.broker.topic(name)
+            topic = self.broker.topic(name)
         except InvalidTopic as exc:
             self.broker.counters["invalid_topics"] += 1
             self._v1_error(rid, ErrorCode.INVALID_TOPIC, str(exc))
             return None
+        except LimitError as exc:
+            self._v1_error(rid, ErrorCode.LIMIT_EXCEEDED, str(exc))
+            return None
+        if may is not None and not may(topic.name):
+            self.broker.counters["unauthorized"] += 1
+            self._v1_error(rid, ErrorCode.UNAUTHORIZED, "%s may not %s %s" % (
+                self.user.name, "publish to" if may == self.user.may_publish else "read",
+                topic.name))
+            return None
+        return topic
 
     # -- handlers --------------------------------------------------------------
 
@@ -127,8 +145,44 @@ class V1Handlers:
         if not client_id:
             client_id = str(uuid.uuid4()).encode("ascii")
         self.broker.bind_client(self, client_id)
+        auth = self.broker.auth
+        if auth is not None:
+            self.user = auth.anonymous if auth.allow_anonymous else None
         self._v1_reply(rid, _U16.pack(PROTOCOL_VERSION) + wire1.pack_str(client_id)
                        + wire1.pack_str(__version__))
+
+    def _v1_aut(self, rid: int, payload: bytes, nbytes: int) -> None:
+        name, pos = wire1.read_str(payload, 0)
+        secret, _ = wire1.read_str(payload, pos)
+        auth = self.broker.auth
+        if auth is None:
+            self._v1_reply(rid)  # nothing to check: everyone may do everything
+            return
+        if self._auth_task is not None:
+            self._v1_error(rid, ErrorCode.BAD_REQUEST, "an AUT is already being checked")
+            return
+        # The hash runs in a thread; the task belongs to this connection and
+        # is cancelled with it.
+        self._auth_task = self.loop.create_task(
+            self._v1_check(rid, name.decode("utf-8", "replace"), secret))
+
+    async def _v1_check(self, rid: int, name: str, secret: bytes) -> None:
+        try:
+            user = await self.broker.auth.verify(name, secret)
+        finally:
+            self._auth_task = None
+        if self.closed:
+            return
+        if user is None:
+            self.broker.counters["auth_failures"] += 1
+            log.warning("%s: authentication failed for user %r", self.peer, name[:64])
+            self._v1_error(rid, ErrorCode.UNAUTHORIZED, "authentication failed")
+            self._auth_failures += 1
+            if self._auth_failures >= 3:
+                self.transport.close()
+            return
+        self.user = user
+        self._v1_reply(rid)
 
     def _v1_pub(self, rid: int, payload: bytes, nbytes: int) -> None:
         name, messages, bad = wire1.parse_publish(payload)
@@ -137,7 +191,7 @@ class V1Handlers:
             self._v1_error(rid, ErrorCode.BAD_CRC,
                            "CRC mismatch in message %d; batch of %d not stored" % (bad, len(messages)))
             return
-        topic = self._v1_topic(rid, name)
+        topic = self._v1_topic(rid, name, self.user.may_publish)
         if topic is None:
             return
         if not messages:
@@ -152,16 +206,21 @@ class V1Handlers:
             else:
                 conn._v1_error(rid, ErrorCode.STORAGE_ERROR, "not stored: %s" % error)
 
-        self.broker.publish(topic, messages, nbytes or len(payload), self.transport, on_stored)
+        self.broker.publish(topic, messages, nbytes or len(payload), self, on_stored)
 
     def _v1_sub(self, rid: int, payload: bytes, nbytes: int) -> None:
         name, pos = wire1.read_str(payload, 0)
         mode, value = _SPEC.unpack_from(payload, pos)
-        topic = self._v1_topic(rid, name)
+        topic = self._v1_topic(rid, name, self.user.may_subscribe)
         if topic is None:
             return
         if topic.name in self.subs:
             self._v1_error(rid, ErrorCode.ALREADY_SUBSCRIBED, "already subscribed to %s" % topic.name)
+            return
+        if len(self.subs) >= self.broker.config.max_subscriptions:
+            self.broker.counters["refused_subscriptions"] += 1
+            self._v1_error(rid, ErrorCode.LIMIT_EXCEEDED, "%d subscriptions on this connection "
+                           "(--max-subscriptions)" % len(self.subs))
             return
         offset = self._v1_resolve(rid, topic, mode, value)
         if offset is None:
@@ -190,7 +249,7 @@ class V1Handlers:
     def _v1_cmt(self, rid: int, payload: bytes, nbytes: int) -> None:
         name, pos = wire1.read_str(payload, 0)
         offset = _U64.unpack_from(payload, pos)[0]
-        topic = self._v1_topic(rid, name)
+        topic = self._v1_topic(rid, name, self.user.may_subscribe)
         if topic is None:
             return
         if offset > topic.end_offset:

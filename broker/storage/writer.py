@@ -143,6 +143,11 @@ class DiskWriter:
         if self._store is not None and self._retention_every > 0:
             self._retention_handle = self._loop.call_soon(self._retention_tick)
 
+    @property
+    def alive(self) -> bool:
+        """The disk thread is running."""
+        return self._thread.is_alive()
+
     # -- event loop --------------------------------------------------------
 
     @property
