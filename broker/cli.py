@@ -163,6 +163,15 @@ async def _serve(config: Config) -> None:
     await broker.stop()
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []}, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple) -> None:
+    """End-to-end benchmark against Redis Streams and NATS JetStream (--help for options)."""
+    from .bench import main as bench_main
+    sys.exit(bench_main(list(args)))
+
+
 # -- client tools -------------------------------------------------------------
 
 def _client_options(f):

@@ -140,7 +140,14 @@ class V1Reader:
 
 def encode(kind: bytes, rid: int, payload=b"") -> bytes:
     """One v1 frame of ``kind`` (3 bytes) with request id ``rid``."""
-    return _HEAD.pack(FRAME_HEADER + len(payload), kind, rid) + bytes(payload)
+    kind = bytes(kind)
+    payload = bytes(payload)
+    # struct's "3s" would pad or cut a wrong-sized kind: refuse it instead.
+    if len(kind) != 3:
+        raise ValueError("kind must be 3 bytes")
+    if not 0 <= rid <= 0xFFFFFFFF or len(payload) + FRAME_HEADER > 0xFFFFFFFF:
+        raise OverflowError("request id or payload out of range")
+    return _HEAD.pack(FRAME_HEADER + len(payload), kind, rid) + payload
 
 
 def pack_str(value) -> bytes:
@@ -157,6 +164,8 @@ def encode_publish(rid: int, topic, messages) -> bytes:
     if isinstance(topic, str):
         topic = topic.encode("utf-8")
     parts = [b"", pack_str(topic), _U32.pack(len(messages))]
+    if not 0 <= rid <= 0xFFFFFFFF:
+        raise OverflowError("request id out of range")
     for msg in messages:
         parts.append(_PUB_ITEM.pack(len(msg), zlib.crc32(msg)))
         parts.append(msg)
@@ -166,7 +175,8 @@ def encode_publish(rid: int, topic, messages) -> bytes:
 
 def read_str(payload, pos: int):
     """Read ``[u16 n][n bytes]`` at ``pos``: ``(bytes, position after)``."""
-    if len(payload) - pos < 2:
+    # A negative pos would make struct read from the end of the buffer.
+    if pos < 0 or len(payload) - pos < 2:
         raise ProtocolError("truncated string")
     n = _unpack_u16(payload, pos)[0]
     if len(payload) - pos - 2 < n:
@@ -219,6 +229,8 @@ def message_frame(buf, rid: int, topic, from_offset: int, end_offset: int, max_b
     Returns ``(frame, count, next_offset, used)`` like
     ``records.records_to_deliveries`` (frame is ``b""`` when count is 0).
     """
+    if from_offset < 0 or end_offset < 0:
+        raise ValueError("offsets must be >= 0")
     end = len(buf)
     pos = 0
     first = -1

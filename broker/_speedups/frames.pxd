@@ -25,7 +25,7 @@ cdef enum Event:
 cdef class FrameReader:
     cdef object _max_frame_bytes  # the limit as given: returned by the property and quoted in OP_ERROR
     cdef int64_t _limit           # the same limit clamped to [-1, 2**32 - 1] for C comparisons
-    cdef unsigned char* _buf      # carried input: the start of one incomplete frame (PyMem)
+    cdef unsigned char* _buf      # carried input (PyMem): one incomplete frame, or all input since HEL
     cdef Py_ssize_t _len          # bytes held in _buf
     cdef Py_ssize_t _cap          # bytes allocated for _buf
     cdef Py_ssize_t _need         # size of the carried frame, at least (prefix + body + trailer)
@@ -37,7 +37,8 @@ cdef class FrameReader:
     cdef list _pub_msgs           # message list of that event
 
     cdef int _carry(self, data) except -1
-    cdef int _reserve(self, Py_ssize_t size) except -1
+    cdef int _keep(self, const unsigned char* data, Py_ssize_t size) except -1
+    cdef int _reserve(self, Py_ssize_t size, Py_ssize_t bound) except -1
     cdef int _feed(self, const unsigned char* data, Py_ssize_t size, list events) except -1
     cdef Py_ssize_t _scan(self, const unsigned char* data, Py_ssize_t end,
                           list events) except -1

@@ -18,6 +18,7 @@ from cpython.bytes cimport (
 )
 from cpython.long cimport PyLong_AsUnsignedLongMask
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport UINT32_MAX, int64_t, uint32_t
 from libc.string cimport memchr, memcmp, memcpy
 
@@ -190,6 +191,8 @@ cdef class FrameReader:
         cdef bytes rest
         if not self._detached:
             raise RuntimeError("detach() is only possible after an OP_HEL event")
+        if self._busy:
+            raise RuntimeError("FrameReader.detach() called during feed()")
         rest = _make_bytes(self._buf, self._len)
         PyMem_Free(self._buf)
         self._buf = NULL
@@ -203,26 +206,31 @@ cdef class FrameReader:
         cdef Py_buffer view
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            self._need = self._len + view.len
-            self._reserve(self._len + view.len)
-            memcpy(self._buf + self._len, view.buf, <size_t>view.len)
-            self._len += view.len
+            self._keep(<const unsigned char*>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
         return 0
 
-    cdef int _reserve(self, Py_ssize_t size) except -1:
-        # Grow by doubling, so a frame arriving in many chunks is copied in
-        # linear time, but never past the carried frame's known size: memory
-        # follows the bytes actually received, not what a length prefix
-        # claims (a 4-byte prefix must not make us allocate a whole frame).
+    cdef int _keep(self, const unsigned char* data, Py_ssize_t size) except -1:
+        # Append to the carry buffer with no frame to bound it (after HEL).
+        self._reserve(self._len + size, PY_SSIZE_T_MAX)
+        memcpy(self._buf + self._len, data, <size_t>size)
+        self._len += size
+        return 0
+
+    cdef int _reserve(self, Py_ssize_t size, Py_ssize_t bound) except -1:
+        # Grow to hold ``size`` bytes by doubling, so input arriving in many
+        # chunks is copied in linear time, but not past ``bound`` (the
+        # carried frame's known size): memory follows the bytes actually
+        # received, not what a length prefix claims (a 4-byte prefix must
+        # not make us allocate a whole frame).
         cdef Py_ssize_t cap
         cdef unsigned char* grown
         if size <= self._cap:
             return 0
         cap = 2 * self._cap
-        if cap > self._need + 4:
-            cap = self._need + 4  # +4: room for a PUB trailer not seen yet
+        if cap > bound:
+            cap = bound
         if cap < MIN_CAPACITY:
             cap = MIN_CAPACITY
         if cap < size:
@@ -248,7 +256,8 @@ cdef class FrameReader:
                     take = self._need - self._len
                     if take > size - pos:
                         take = size - pos
-                    self._reserve(self._len + take)
+                    # +4: room for a PUB trailer not seen yet
+                    self._reserve(self._len + take, self._need + 4)
                     memcpy(self._buf + self._len, data + pos, <size_t>take)
                     self._len += take
                     pos += take
@@ -260,10 +269,7 @@ cdef class FrameReader:
                     return 0
                 if self._detached:
                     # Stopped at HEL: keep the carry and the rest of the chunk.
-                    self._need = self._len + size - pos
-                    self._reserve(self._len + size - pos)
-                    memcpy(self._buf + self._len, data + pos, <size_t>(size - pos))
-                    self._len += size - pos
+                    self._keep(data + pos, size - pos)
                     return 0
                 if used:
                     # the buffer held exactly this one frame
@@ -276,11 +282,7 @@ cdef class FrameReader:
         if pos < size:
             # Carry the incomplete frame: only its bytes, never the size
             # its prefix announces (after HEL: everything that is left).
-            if self._detached:
-                self._need = size - pos
-            self._reserve(size - pos)
-            memcpy(self._buf, data + pos, <size_t>(size - pos))
-            self._len = size - pos
+            self._keep(data + pos, size - pos)
         return 0
 
     cdef Py_ssize_t _scan(self, const unsigned char* data, Py_ssize_t end,

@@ -333,6 +333,8 @@ def message_frame(buf, rid, topic, from_offset, end_offset, max_bytes):
     lo = from_offset
     hi = end_offset
     nxt = lo
+    if isinstance(topic, str):
+        topic = topic.encode("utf-8")
     t = bytes(topic)
     tlen = len(t)
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
@@ -357,6 +359,8 @@ def message_frame(buf, rid, topic, from_offset, end_offset, max_bytes):
             pos += 4 + hdr.length
         if not count:
             return b"", 0, max(<object>nxt, from_offset), pos
+        if tlen > 0xFFFF:  # where the pure twin's pack_str refuses it
+            raise ValueError("string longer than 65535 bytes")
         size = pos - first
         out = PyBytes_FromStringAndSize(NULL, 4 + _FRAME_HEADER + 2 + tlen + 4 + size)
         o = <unsigned char*>PyBytes_AS_STRING(out)

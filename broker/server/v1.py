@@ -62,7 +62,9 @@ class V1Handlers:
         nbytes = len(data)
         handlers = self._v1_handlers
         for kind, rid, payload in events:
-            if self.closed:
+            # Once we decided to close (bad HEL, bad framing, ...), frames
+            # pipelined behind that point are not acted on.
+            if self.closed or self.transport.is_closing():
                 return
             handler = handlers.get(kind)
             if handler is not None:
@@ -78,6 +80,10 @@ class V1Handlers:
                 except (wire1.ProtocolError, struct.error, UnicodeDecodeError) as exc:
                     self.broker.counters["malformed"] += 1
                     self._v1_error(rid, ErrorCode.BAD_REQUEST, "malformed request: %s" % exc)
+                    if self.client_id is None:
+                        # A HEL that doesn't parse: an error in HEL closes the
+                        # connection (protocol.md).
+                        self.transport.close()
                 nbytes = 0
             elif kind == wire1.K_CLOSE:
                 self.transport.close()
@@ -132,15 +138,17 @@ class V1Handlers:
             self._v1_error(rid, ErrorCode.BAD_REQUEST, "HEL was already sent")
             return
         version = _U16.unpack_from(payload, 0)[0]
-        client_id, _ = wire1.read_str(payload, 2)
+        # The version first: another version's HEL may not parse as ours.
         if version != PROTOCOL_VERSION:
             self._v1_error(rid, ErrorCode.UNSUPPORTED_VERSION,
                            "protocol version %d not supported; this broker speaks %d"
                            % (version, PROTOCOL_VERSION))
             self.transport.close()
             return
+        client_id, _ = wire1.read_str(payload, 2)
         if len(client_id) > 255:
             self._v1_error(rid, ErrorCode.BAD_REQUEST, "client id longer than 255 bytes")
+            self.transport.close()  # an error in HEL closes the connection (protocol.md)
             return
         if not client_id:
             client_id = str(uuid.uuid4()).encode("ascii")

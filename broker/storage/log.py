@@ -29,7 +29,7 @@ from ..codec import records
 from . import recordwalk
 from .checkpoint import CheckpointEntry
 from .fileio import atomic_write, fsync_dir
-from .segment import Segment
+from .segment import HEADER_SIZE as _HEADER_SIZE, Segment
 from .topicconfig import CONFIG_FILE, TopicConfig, encode_overrides
 
 __all__ = ["TopicLog", "AppendResult"]
@@ -189,8 +189,12 @@ class TopicLog:
                 seg = segments[i]
                 pos = 0
                 continue
+            avail = seg.readable_size - pos
+            if len(buf) < _HEADER_SIZE <= avail:
+                want = _HEADER_SIZE  # max_bytes too small to see the record's length
+                continue
             span = 4 + int.from_bytes(buf[:4], "big") if len(buf) >= 4 else 0
-            if len(buf) < span <= seg.readable_size - pos:
+            if len(buf) < span <= avail:
                 want = span  # one record larger than max_bytes: read it whole
                 continue
             raise records.CorruptRecordError(pos, "record in %s cannot be read" % seg.log_path)

@@ -370,7 +370,10 @@ class DiskWriter:
             try:
                 job = q.get(timeout=timeout)
             except queue.Empty:
-                self._timed_work()  # an fsync or checkpoint deadline passed
+                try:
+                    self._timed_work()  # an fsync or checkpoint deadline passed
+                except BaseException:  # a bug must not kill the disk thread
+                    log.exception("disk thread: unexpected error")
                 continue
             if job is _STOP:
                 if self._clean_stop:

@@ -1,0 +1,158 @@
+"""Shared pieces of the storage tests (tests/test_storage_*.py).
+
+- :func:`records_impl`: a fixture running a test once per record codec
+  (ids ``py`` and ``c``). It points every storage module's ``records`` at
+  the implementation under test, so one process tests both. ``c`` fails
+  when ``broker._speedups.records`` cannot be imported, unless
+  ``PYLOGSTREAMS_NO_EXTENSIONS`` is set (a pure build), where it skips and
+  says why.
+- :class:`FakeClock`: an injectable wall clock (seconds), so retention and
+  append times are tested without sleeping.
+- Helpers that play the disk thread's part synchronously (:func:`append`)
+  and read a topic back (:func:`read_all`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import pkgutil
+
+import pytest
+
+import broker.storage
+from broker import codec
+from broker._pure import records as pure_records
+from broker.storage import DiskWriter, LogStore
+
+IMPL_IDS = ["py", "c"]
+RECORD_OVERHEAD = 24
+
+
+def load_records(impl_id: str):
+    """The record codec module for ``impl_id`` (``py`` or ``c``)."""
+    if impl_id == "py":
+        return pure_records
+    try:
+        return importlib.import_module("broker._speedups.records")
+    except ImportError as exc:
+        if codec.NO_EXTENSIONS:
+            pytest.skip("PYLOGSTREAMS_NO_EXTENSIONS is set: a pure build has no compiled codec "
+                        "(%s)" % exc)
+        pytest.fail("the compiled codec broker._speedups.records does not import: %s" % exc)
+
+
+def storage_modules():
+    """Every broker.storage module that uses the record codec."""
+    out = []
+    for info in pkgutil.iter_modules(broker.storage.__path__):
+        mod = importlib.import_module("broker.storage." + info.name)
+        if hasattr(mod, "records") and hasattr(mod.records, "encode_records"):
+            out.append(mod)
+    return out
+
+
+@pytest.fixture(params=IMPL_IDS)
+def records_impl(request, monkeypatch):
+    """Run the test with storage using one record codec; returns the module."""
+    mod = load_records(request.param)
+    for m in storage_modules():
+        monkeypatch.setattr(m, "records", mod)
+    return mod
+
+
+class FakeClock:
+    """A wall clock (seconds since the epoch) that moves only when told."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    @property
+    def ms(self) -> int:
+        return int(self.now * 1000)
+
+
+def records_module():
+    """The codec the storage modules use right now (possibly patched)."""
+    return broker.storage.log.records
+
+
+def append(topic, messages, ts_ms: int = 1_700_000_000_000) -> int:
+    """Append ``messages`` as the disk thread and publish them as the loop; the base offset."""
+    rec = records_module()
+    base = topic.end_offset
+    ts = max(ts_ms, topic.last_time)
+    buf = rec.encode_records(messages, base, ts)
+    result = topic.append(buf, len(messages), ts, RECORD_OVERHEAD + len(messages[-1]))
+    topic.written(result)
+    topic.next_offset = topic.end_offset
+    return base
+
+
+def decoder(rec=None):
+    """A ``TopicLog.read`` converter yielding ``[(offset, time_ms, payload)]``."""
+    rec = rec or records_module()
+
+    def convert(buf, from_offset, end_offset, max_bytes):
+        recs, used = rec.decode_records(buf, from_offset, end_offset)
+        nxt = recs[-1][0] + 1 if recs else from_offset
+        return recs, len(recs), nxt, used
+
+    return convert
+
+
+def read_all(topic, offset: int = 0, max_bytes: int = 64 * 1024) -> list:
+    """Every record from ``offset`` to the end, as ``(offset, time_ms, payload)``."""
+    convert = decoder()
+    out = []
+    while True:
+        got = topic.read(offset, max_bytes, convert)
+        if got is None:
+            return out
+        recs, count, offset = got
+        out.extend(recs)
+
+
+def make_store(path, clock=None, **config) -> LogStore:
+    """An opened LogStore on ``path`` with Config overrides (small segments by default)."""
+    from broker.config import Config
+    config.setdefault("segment_bytes", 4096)
+    config.setdefault("index_interval_bytes", 256)
+    config.setdefault("retention_check_interval_ms", 0)  # tests run retention themselves
+    store = LogStore(str(path), config=Config(**config), clock=clock or FakeClock())
+    store.open()
+    return store
+
+
+async def start_writer(store, *, fsync: str | None = None, fsync_interval_ms: int | None = None,
+                       on_written=None, high_water: int = 64 << 20,
+                       low_water: int = 16 << 20) -> DiskWriter:
+    """A running DiskWriter for ``store`` on the current loop."""
+    cfg = store.config
+    writer = DiskWriter(
+        asyncio.get_running_loop(), store.offsets, fsync=fsync or cfg.fsync,
+        fsync_interval_ms=fsync_interval_ms or cfg.fsync_interval_ms, high_water=high_water,
+        low_water=low_water, on_written=on_written or (lambda topic: None), store=store)
+    writer.start()
+    return writer
+
+
+def publish(writer, topic, messages, on_stored=None) -> None:
+    """What Broker.publish does: reserve offsets and queue the batch."""
+    topic.next_offset += len(messages)
+    writer.append(topic, messages, sum(map(len, messages)), on_stored=on_stored)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def segment_files(directory) -> list[str]:
+    return sorted(f for f in os.listdir(directory) if f.endswith(".log"))
