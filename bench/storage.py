@@ -22,7 +22,8 @@ import: ``PYLOGSTREAMS_NO_EXTENSIONS``).
 - **restart**: ``LogStore.open()`` on a 1 GB (and with ``--restart-gb``,
   bigger) log after a clean stop (clean checkpoint) and after a simulated
   ``kill -9`` (the files as a crash leaves them, checkpoint lost: the worst
-  case, the whole active segment is scanned). The page cache of the data is
+  case, the whole active segment is scanned; the log is made so that the
+  active segment is 1 MB short of full). The page cache of the data is
   dropped first (``posix_fadvise(DONTNEED)``), so the figure is a cold start.
 
 Throughput cells run for about half a second each, on a fresh topic in
@@ -240,7 +241,10 @@ def _drop_cache(path: Path) -> None:
 
 def worker_make_log(path: Path, gb: float) -> dict:
     store = _new_store(path, "never")
-    _fill(store, "bench", int(gb * 1024 ** 3))
+    # Whole segments, the last one 1 MB short of full: the worst case for a
+    # crash restart, which scans the active segment.
+    segments = max(1, -(-int(gb * 1024 ** 3) // SEGMENT_BYTES))
+    _fill(store, "bench", segments * SEGMENT_BYTES - (1 << 20))
     topic = store.get("bench")
     info = {"segments": len(topic.segments), "active_bytes": topic.active.size,
             "records": topic.end_offset}
@@ -289,6 +293,24 @@ def worker_main(args) -> None:
 
 
 # -- driver side -----------------------------------------------------------
+
+def raw_write_ceiling(base: Path, seconds: float) -> float:
+    """MB/s of plain 1 MiB ``os.pwrite`` calls into a file in ``base``: the machine's limit."""
+    buf = b"w" * (1 << 20)
+    path = base / "ceiling.tmp"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        pos = 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            os.pwrite(fd, buf, pos)
+            pos += len(buf)
+        dt = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return pos / dt / 1e6
+
 
 def _impl_env(impl: str) -> dict:
     env = dict(os.environ)
@@ -348,6 +370,7 @@ def main() -> None:
     impls = _impls()
     t_start = time.perf_counter()
     try:
+        ceiling = raw_write_ceiling(base, max(1.0, args.seconds * 2))
         appends = {impl: _work(impl, "--worker", "append", "--dir", base,
                                "--seconds", args.seconds) for impl in impls}
         reads = {impl: _work(impl, "--worker", "read", "--dir", base, "--read-mb", args.read_mb)
@@ -365,10 +388,10 @@ def main() -> None:
     finally:
         if own_dir:
             shutil.rmtree(base, ignore_errors=True)
-    _print(impls, appends, reads, restarts, time.perf_counter() - t_start, args)
+    _print(impls, appends, reads, restarts, time.perf_counter() - t_start, args, ceiling, base)
 
 
-def _print(impls, appends, reads, restarts, total, args) -> None:
+def _print(impls, appends, reads, restarts, total, args, ceiling, base) -> None:
     try:
         import uvloop  # noqa: F401
         loop = "uvloop"
@@ -396,6 +419,10 @@ def _print(impls, appends, reads, restarts, total, args) -> None:
                           "%.0f" % (a["fsyncs"] / a["seconds"])]
             print("| %s | %d | %s |" % (policy, batch, " | ".join(cells)))
     print("\nTargets: %s; %s.\n" % (TARGETS["append"], TARGETS["always"]))
+    print("Machine ceiling: plain 1 MiB pwrite() calls into a file in %s run at %.0f MB/s, "
+          "i.e. %.0f k records of 1 KB per second, before any encoding or CRC.\n"
+          % (base.parent if base.name.startswith("pylogstreams-bench-") else base, ceiling,
+             ceiling * 1e6 / 1024 / 1e3))
     print("### Read (sequential, v0 delivery frames, CRC checked)\n")
     print("| impl | records/s | MB/s |")
     print("|---|---|---|")

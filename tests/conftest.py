@@ -90,6 +90,7 @@ class ServerProcess:
         self.log_paths: list[Path] = []
         self.stdout_lines: list[str] = []     # stdout lines after the ready line
         self.command = [sys.executable, "-m", "broker"]  # how the CLI is invoked
+        self.sandbox_before: set | None = None  # sandbox entries before the first start
 
     @property
     def argv(self) -> list[str]:
@@ -102,6 +103,8 @@ class ServerProcess:
         ``port`` reuses a given port instead of a fresh ephemeral one.
         """
         assert self.proc is None or self.proc.poll() is not None, "already running"
+        if self.sandbox_before is None:
+            self.sandbox_before = set(os.listdir(self.sandbox))
         self.runs += 1
         log_path = self.log_dir / ("%s-run%d.stderr.log" % (self.name, self.runs))
         self.log_paths.append(log_path)
@@ -238,6 +241,12 @@ def server(impl, tmp_path, request):
     if rep is not None and rep.failed:
         for srv in made:
             print("==== %s (%s) stderr tail ====\n%s" % (srv.name, srv.impl, srv.log_tail(80)))
+    # Every test also checks that the broker created nothing outside its data
+    # dir in its working directory (the sandbox holds the data dir only).
+    for srv in made:
+        if srv.sandbox_before is not None:
+            stray = set(os.listdir(srv.sandbox)) - srv.sandbox_before - {srv.data_dir.name}
+            assert not stray, "%s created %r outside its data dir" % (srv.name, sorted(stray))
 
 
 @pytest.hookimpl(wrapper=True)

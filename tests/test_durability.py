@@ -102,7 +102,6 @@ def _recover_all(srv, topic: bytes, timeout: float = 60.0):
     """
     sentinel = b"S" + uuid.uuid4().hex.encode()
     with consumer(srv.port, topic, 0) as c:
-        c.barrier()
         produce(srv.port, topic, [sentinel])
         got = c.read_until(lambda d: d[1] == sentinel, timeout=timeout)
         c.expect_silence(0.2)

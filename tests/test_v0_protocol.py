@@ -292,6 +292,38 @@ def test_reconnect_with_same_cid_resumes_after_what_was_delivered(server):
         c.expect_silence(0.2)
 
 
+@pytest.mark.parametrize("leave", ["close_frame", "idle_then_reset"])
+def test_resume_exact_after_reading_a_large_backlog(server, leave):
+    """A consumer that received everything resumes after everything.
+
+    With a tiny receive buffer, most of the backlog waits in the server's
+    transport buffer when its delivery step ends: offsets must still catch
+    up once those bytes have gone out, not stay where that last delivery
+    step left them. v0 allows redelivering what was in flight
+    when a connection died; here nothing was in flight.
+    """
+    srv = server()
+    t = _topic()
+    n = 20_000  # 20 MB through a 4 KB window: the kernel buffers are full at the end
+    produce(srv.port, t, (make_message(i) for i in range(n)))
+    cid = str(uuid.uuid4())
+    with consumer(srv.port, t, 0, client_id=cid, rcvbuf=4096) as c:
+        time.sleep(0.3)  # the server writes it all; most waits in its transport buffer
+        got = c.read_deliveries(n, timeout=30)
+        assert [m for _, m in got] == [make_message(i) for i in range(n)]
+        c.expect_silence(0.5)  # idle: every byte written long ago reached us
+        if leave == "close_frame":
+            c.send_close_frame()
+            c.wait_closed()
+        else:
+            c.abort()
+    with consumer(srv.port, t, offset=None, client_id=cid) as c:
+        c.barrier()
+        c.expect_silence(0.3)
+        produce(srv.port, t, [b"next"])
+        assert c.read_deliveries(1) == [(t, b"next")]
+
+
 def test_offsets_are_per_client_and_topic(server):
     srv = server()
     t1, t2 = _topic(), _topic()

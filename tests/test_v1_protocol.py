@@ -227,6 +227,20 @@ def test_empty_pub_ack_keeps_its_place(shared_server):
         (b"ACK", 1, (0, 200)), (b"ACK", 2, (200, 0)), (b"ACK", 3, (200, 1))]
 
 
+def test_acks_in_order_across_topics(shared_server):
+    """Pipelined PUBs to different topics: ACKs still in request order."""
+    a, b = unique("a"), unique("b")
+    order = [a, b, a, b, b, a]
+    with V1Conn(shared_server.port) as c:
+        c.hello()
+        c.send_raw(b"".join(frame(b"PUB", 10 + i, pub(tp, msgs(50, str(i))))
+                            for i, tp in enumerate(order)))
+        acks = [c.read_frame() for _ in order]
+    assert [(k, r) for k, r, _ in acks] == [(b"ACK", 10 + i) for i in range(len(order))]
+    bases = [struct.unpack(">QI", p)[0] for _, _, p in acks]
+    assert bases == [0, 0, 50, 50, 100, 100]
+
+
 def test_empty_pub(shared_server):
     t = unique()
     with V1Conn(shared_server.port) as c:

@@ -78,6 +78,16 @@ def message_index(message: bytes) -> int:
     return int(message[1:11])
 
 
+def _describe(deliveries) -> str:
+    """Short summary of deliveries for failure messages."""
+    items = list(deliveries)
+    if not items:
+        return "none"
+    show = items[:3] + ([("...", b"")] if len(items) > 4 else []) + items[3:][-1:]
+    return ", ".join("%s:%r" % (t if isinstance(t, str) else t.decode("latin-1")[:20], m[:24])
+                     for t, m in show)
+
+
 class ConnectionClosed(Exception):
     """The server closed the connection (EOF or reset)."""
 
@@ -297,7 +307,8 @@ class V0Client:
 
     def expect_silence(self, duration: float) -> None:
         """Assert nothing at all arrives for ``duration`` seconds (EOF is not silence)."""
-        assert not self.inbox, "unexpected deliveries pending: %r" % list(self.inbox)[:3]
+        assert not self.inbox, "expected silence, but %d deliveries are pending: %s" % (
+            len(self.inbox), _describe(self.inbox))
         assert not self._buf, "unexpected bytes pending: %r" % bytes(self._buf[:80])
         deadline = time.monotonic() + duration
         try:
@@ -305,7 +316,9 @@ class V0Client:
         except socket.timeout:
             return
         if got:
-            raise AssertionError("expected silence, got %r" % bytes(self._buf[:80]))
+            self._parse_deliveries()
+            raise AssertionError("expected silence, got %d deliveries (%s) and %d more bytes"
+                                 % (len(self.inbox), _describe(self.inbox), len(self._buf)))
         raise ConnectionClosed("expected silence, but the server closed the connection")
 
     def wait_closed(self, timeout: float | None = None) -> float:

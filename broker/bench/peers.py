@@ -82,9 +82,9 @@ class RedisDriver:
     async def connect(self, name: str, lanes: int = 1):
         # One pooled connection per lane, so that `lanes` pipelines can be in
         # flight at once, as our `window` batches are on one connection.
+        # (Not single_connection_client: pipelines would still ask the pool.)
         r = self.aioredis.Redis(host=self.host, port=self.port, socket_timeout=60,
-                                max_connections=max(1, lanes),
-                                single_connection_client=lanes <= 1)
+                                max_connections=max(1, lanes))
         await r.ping()
         return r
 
@@ -103,21 +103,22 @@ class RedisDriver:
     async def preload_done(self, r, topic: str, count: int) -> None:
         pass
 
-    async def consumer(self, r, topic: str, name: str):
+    async def consumer(self, r, topic: str, name: str, stamps: bool = True):
         try:
             await r.xgroup_create(topic, name, id="0", mkstream=True)
         except self.aioredis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        return _RedisConsumer(r, topic, name, self.FIELD)
+        return _RedisConsumer(r, topic, name, self.FIELD, stamps)
 
     async def ping(self, r) -> None:
         await r.ping()
 
 
 class _RedisConsumer:
-    def __init__(self, r, topic: str, group: str, field: bytes) -> None:
+    def __init__(self, r, topic: str, group: str, field: bytes, stamps: bool) -> None:
         self.r = r
+        self.stamps = stamps
         self.topic = topic
         self.group = group
         self.field = field
@@ -137,6 +138,8 @@ class _RedisConsumer:
         entries = streams[0][1]
         field = self.field
         self.unacked = [e[0] for e in entries]
+        if not self.stamps:
+            return len(entries), ()
         return len(entries), [_ts_of(e[1][field])[0] for e in entries]
 
     async def close(self) -> None:
@@ -202,31 +205,39 @@ class NatsDriver:
             await asyncio.sleep(0.05)
         raise TimeoutError("NATS stream %s never reached %d messages" % (topic, count))
 
-    async def consumer(self, nc, topic: str, name: str):
+    async def consumer(self, nc, topic: str, name: str, stamps: bool = True):
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
         cfg = ConsumerConfig(ack_policy=AckPolicy.ALL, deliver_policy=DeliverPolicy.ALL,
                              max_ack_pending=-1, max_waiting=512)
         psub = await nc._bench_js.pull_subscribe(topic, durable=name, stream=_stream_name(topic),
                                                  config=cfg)
-        return _NatsConsumer(self.nats, psub)
+        return _NatsConsumer(self.nats, psub, stamps)
 
     async def ping(self, nc) -> None:
         await nc.flush(timeout=30)
 
 
 class _NatsConsumer:
-    def __init__(self, nats, psub) -> None:
+    LINGER = 0.005   # seconds a caught-up fetch waits for more messages
+
+    def __init__(self, nats, psub, stamps: bool) -> None:
         self.psub = psub
+        self.stamps = stamps
         self.timeout_error = nats.errors.TimeoutError
 
     async def fetch(self, max_messages: int, timeout: float):
+        # nats-py's fetch(n), once caught up, waits for n messages or its
+        # timeout: a short timeout keeps big batches when behind and adds at
+        # most LINGER of latency when caught up.
         try:
-            msgs = await self.psub.fetch(max_messages, timeout=timeout)
+            msgs = await self.psub.fetch(max_messages, timeout=min(timeout, self.LINGER))
         except (self.timeout_error, asyncio.TimeoutError):
             return 0, []
         if not msgs:
             return 0, []
         await msgs[-1].ack()   # ack policy "all": acknowledges the whole batch
+        if not self.stamps:
+            return len(msgs), ()
         return len(msgs), [_ts_of(m.data)[0] for m in msgs]
 
     async def close(self) -> None:

@@ -34,6 +34,7 @@ READY_TIMEOUT = 30.0   # seconds for a server to accept connections
 STOP_TIMEOUT = 30.0    # seconds SIGTERM gets (our broker flushes and fsyncs)
 
 _LIVE: list["Server"] = []  # started and not yet stopped
+_SERVE_HELP: str | None = None  # `serve --help` text, read once
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -175,6 +176,20 @@ class OursServer(Server):
         self.fsync = fsync
         self.extra = list(extra)
         self.codec = ""
+
+    @staticmethod
+    def connection_limit_options(n: int) -> tuple:
+        """``serve`` options that allow ``n`` connections from one address, where they exist."""
+        global _SERVE_HELP
+        if _SERVE_HELP is None:
+            out = subprocess.run([sys.executable, "-m", "broker", "serve", "--help"],
+                                 capture_output=True, text=True, timeout=60)
+            _SERVE_HELP = out.stdout
+        opts: tuple = ()
+        for name in ("--max-connections", "--max-connections-per-ip"):
+            if name + " " in _SERVE_HELP or name + "\n" in _SERVE_HELP:
+                opts += (name, str(max(n, 20_000)))
+        return opts
 
     def start(self) -> "OursServer":
         self.tmpdir = tempfile.mkdtemp(prefix="plsbench-ours-")

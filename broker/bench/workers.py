@@ -98,21 +98,24 @@ class OursClientDriver:
     async def preload_done(self, conn, topic: str, count: int) -> None:
         pass  # publish_batch returned: stored
 
-    async def consumer(self, conn, topic: str, name: str):
-        return _OursConsumer(await conn.subscribe(topic, start="oldest", auto_commit=True))
+    async def consumer(self, conn, topic: str, name: str, stamps: bool = True):
+        return _OursConsumer(await conn.subscribe(topic, start="oldest", auto_commit=True), stamps)
 
     async def ping(self, conn) -> None:
         await conn.ping()
 
 
 class _OursConsumer:
-    __slots__ = ("sub",)
+    __slots__ = ("sub", "stamps")
 
-    def __init__(self, sub) -> None:
+    def __init__(self, sub, stamps: bool) -> None:
         self.sub = sub
+        self.stamps = stamps      # read each payload's timestamp (False: count only)
 
     async def fetch(self, max_messages: int, timeout: float):
         batch = await self.sub.get_batch(max_messages, timeout)
+        if not self.stamps:
+            return len(batch), ()
         return len(batch), [_ts_of(m.value)[0] for m in batch]
 
     async def close(self) -> None:
@@ -248,7 +251,7 @@ class OursRawDriver:
     async def preload_done(self, proto, topic: str, count: int) -> None:
         pass
 
-    async def consumer(self, proto, topic: str, name: str):
+    async def consumer(self, proto, topic: str, name: str, stamps: bool = True):
         spec = self.wire1.pack_str(topic.encode()) + struct.pack(">Bq", 1, 0)  # from oldest
         await self._request(proto, b"SUB", spec)
         return _RawConsumer(self, proto, topic)
@@ -467,7 +470,7 @@ async def _consume(ctx: _Ctx, driver, clients: list) -> None:
             conn = await driver.connect(c["name"])
             conns.append(conn)
             await driver.setup_topic(conn, c["topic"])
-            subs.append(await driver.consumer(conn, c["topic"], c["name"]))
+            subs.append(await driver.consumer(conn, c["topic"], c["name"], plan.get("stamps", True)))
         await _ready_and_wait(ctx)
         await asyncio.gather(*(one(sub, c["slot"]) for sub, c in zip(subs, clients)))
     finally:

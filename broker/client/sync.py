@@ -85,6 +85,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        if self._lt.loop.is_closed():
+            return  # closed already: closing twice is harmless, like a file's close()
         try:
             self._lt.run(self._aclient.close(), timeout=10)
         finally:
@@ -199,6 +201,7 @@ class Subscription:
         rest = self._batch[self._pos:]
         if rest:
             self._batch, self._pos = [], 0
+            self._sub._handed(rest[-1].offset)  # all of it is now in the caller's hands
             return rest
         return self._client._run(self._sub.get_batch(max_messages, timeout))
 

@@ -229,7 +229,7 @@ class Broker:
 
     def _on_written(self, topic: TopicLog) -> None:
         for sub in topic.subscribers:
-            sub.conn.schedule_delivery()
+            sub.conn.schedule_delivery(sub)
 
     # -- introspection -------------------------------------------------------
 

@@ -13,7 +13,6 @@ nothing keeps running for a client that is gone.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import uuid
 
@@ -31,7 +30,8 @@ log = logging.getLogger(__name__)
 
 _MAX_CLIENT_ID = 255   # bytes; longer CID arguments are refused
 _MAX_COMPLAINTS = 5    # bad-input warnings logged per connection before going quiet
-_PUMP_BUDGET = 4       # delivery chunks per callback before yielding to other clients
+_PUMP_BUDGET = 16      # delivery chunks per callback before yielding to other clients
+_TURN_CHUNKS = 4       # chunks one subscription may send before the next gets a turn
 
 OP_CLOSE = frames.OP_CLOSE
 OP_REG = frames.OP_REG
@@ -63,9 +63,8 @@ class Connection(V1Handlers, asyncio.Protocol):
         self._partial_since = 0.0             # loop.time() a partial frame started waiting, or 0
         self.closed = False                   # connection_lost has run
         self._pump_handle: asyncio.Handle | None = None   # scheduled delivery callback
+        self._ready: dict[Subscription, None] = {}  # subscriptions that may have data, in turn order
         self._timer: asyncio.TimerHandle | None = None    # heartbeat check
-        self._sent = 0                        # bytes handed to the transport so far
-        self._marks: collections.deque = collections.deque()  # (sent, sub, offset) uncommitted
         self._complaints = 0                  # bad-input warnings logged so far
         self._auth_task: asyncio.Task | None = None  # a pending AUT check (v1)
         self._auth_failures = 0               # failed AUTs; the third closes the connection
@@ -160,10 +159,7 @@ class Connection(V1Handlers, asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        # Not _commit_sent(): once the connection is gone, what was still in
-        # our buffer was never sent, and the buffer's size can't be trusted
-        # to say so. Uncommitted deliveries are delivered again next time.
-        self._marks.clear()
+        self._ready.clear()
         for sub in self.subs.values():
             sub.topic.subscribers.discard(sub)
         self.subs.clear()
@@ -175,7 +171,6 @@ class Connection(V1Handlers, asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self.resume_reading("replies")
-        self._commit_sent()
         self.schedule_delivery()
 
     # Reading is paused for more than one reason at a time: the disk thread's
@@ -235,7 +230,7 @@ class Connection(V1Handlers, asyncio.Protocol):
         sub = Subscription.v0(self, topic, start)
         self.subs[topic.name] = sub
         topic.subscribers.add(sub)
-        self.schedule_delivery()
+        self.schedule_delivery(sub)
 
     def _on_set(self, topic_name: bytes, value: bytes, *, _max=1 << 63) -> None:
         try:
@@ -256,11 +251,9 @@ class Connection(V1Handlers, asyncio.Protocol):
             offset = self.broker.resolve_offset(None, topic, From.OFFSET, requested)
         sub = self.subs.get(topic.name)
         if sub is not None:
-            # Deliveries still in our buffer were for the old position.
-            self._marks = collections.deque(m for m in self._marks if m[1] is not sub)
             sub.offset = offset
+            self.schedule_delivery(sub)
         self.broker.commit_offset(self.client_id, topic.name, offset)
-        self.schedule_delivery()
 
     def _on_png(self, a, b) -> None:
         pass  # v0: liveness only (last_seen is already updated), no reply
@@ -361,39 +354,58 @@ class Connection(V1Handlers, asyncio.Protocol):
 
     def stop_delivery(self) -> None:
         """Stop all push delivery at once (superseded by a newer connection)."""
-        self._commit_sent()
-        self._marks.clear()
         for sub in self.subs.values():
             sub.topic.subscribers.discard(sub)
         self.subs.clear()
+        self._ready.clear()
         if self._pump_handle is not None:
             self._pump_handle.cancel()
             self._pump_handle = None
 
     def remove_subscription(self, sub: Subscription) -> None:
-        self._commit_sent()
-        self._marks = collections.deque(m for m in self._marks if m[1] is not sub)
         sub.topic.subscribers.discard(sub)
-        self.subs.pop(sub.topic.name, None)
+        self._ready.pop(sub, None)
+        if self.subs.get(sub.topic.name) is sub:
+            del self.subs[sub.topic.name]
 
-    def schedule_delivery(self) -> None:
-        if self._pump_handle is None and not self.write_paused and not self.closed and self.subs:
+    def schedule_delivery(self, sub: Subscription | None = None) -> None:
+        """Give ``sub`` a turn (it may have data), and run the pump soon.
+
+        Called by the writer when a topic grows, by SUB/SET/SEK, and with
+        no argument by resume_writing to continue the turns in progress.
+        """
+        if sub is not None:
+            self._ready[sub] = None
+        if self._pump_handle is None and self._ready and not self.write_paused \
+                and not self.closed:
             self._pump_handle = self.loop.call_soon(self._pump)
 
     def _pump(self) -> None:
+        """Write deliveries, round-robin over the ready subscriptions.
+
+        Each subscription gets up to _TURN_CHUNKS chunks per turn and the
+        callback up to _PUMP_BUDGET chunks in all, so one busy connection
+        can't monopolise the loop and one busy topic can't starve the others
+        on its connection. A subscription still behind goes to the back.
+        """
         self._pump_handle = None
         if self.closed:
             return
         transport = self.transport
         chunk = self.broker.config.delivery_chunk_bytes
+        ready = self._ready
         budget = _PUMP_BUDGET
-        more = False
-        for sub in list(self.subs.values()):
-            while budget and sub.behind and not self.write_paused:
+        counters = self.broker.counters
+        topic_out = self.broker.topic_out
+        while ready and budget and not self.write_paused:
+            sub = next(iter(ready))
+            del ready[sub]
+            turn = _TURN_CHUNKS
+            while turn and sub.behind and not self.write_paused:
                 try:
                     got = sub.read(chunk)
                 except records.CorruptRecordError as exc:
-                    self.broker.counters["corrupt_reads"] += 1
+                    counters["corrupt_reads"] += 1
                     log.error("%s: topic %s: %s; delivery of this topic stopped",
                               self.peer, sub.topic.name, exc)
                     self.remove_subscription(sub)
@@ -402,29 +414,15 @@ class Connection(V1Handlers, asyncio.Protocol):
                     break
                 out, count, nxt = got
                 transport.write(out)
-                self.broker.topic_out[sub.topic.name] += count
-                self._sent += len(out)
-                if sub.auto_commit:
-                    self._marks.append((self._sent, sub, nxt))
                 sub.offset = nxt
-                self.broker.counters["messages_out"] += count
+                if sub.auto_commit:
+                    # v0 can't acknowledge: its offset follows what was
+                    # written to this live transport, and nothing else.
+                    self.broker.commit_offset(self.client_id, sub.topic.name, nxt)
+                counters["messages_out"] += count
+                topic_out[sub.topic.name] += count
+                turn -= 1
                 budget -= 1
-            if sub.behind:
-                more = True
-            if self.write_paused or not budget:
-                break
-        self._commit_sent()
-        if more:
-            self.schedule_delivery()
-
-    def _commit_sent(self) -> None:
-        """Commit the offsets of deliveries that have left our write buffer."""
-        marks = self._marks
-        if not marks or self.transport is None:
-            return
-        flushed = self._sent - self.transport.get_write_buffer_size()
-        commit = self.broker.commit_offset
-        cid = self.client_id
-        while marks and marks[0][0] <= flushed:
-            _, sub, offset = marks.popleft()
-            commit(cid, sub.topic.name, offset)
+            if sub.behind and self.subs.get(sub.topic.name) is sub:
+                ready[sub] = None  # back of the line
+        self.schedule_delivery()

@@ -5,12 +5,11 @@ connection can take more data) and turns stored records straight into v0
 delivery frames in one codec call per chunk. It never polls: the writer
 calls ``Connection.schedule_delivery`` after each completed write.
 
-Offsets are committed only for deliveries that have left the transport's
-buffer for the kernel: each write records a *mark* (bytes written so far
-on the connection, offset after the batch) and a mark is committed once
-the transport's write buffer no longer holds any of its bytes. A client
-that vanishes therefore gets again, on reconnect, what was still sitting
-in our buffer; it never loses what we never sent.
+A v0 subscription commits its client's offset as it writes to the
+connection's transport (v0 clients cannot acknowledge): only while the
+connection is alive, only for what was written, and at most the
+transport's high-water mark ahead of what the client has read. A v1
+subscription never commits: the client does, with ``CMT``.
 """
 
 from __future__ import annotations

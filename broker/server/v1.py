@@ -9,6 +9,7 @@ stable code (``broker/errors.py``). The layouts are in docs/protocol.md.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import struct
@@ -41,6 +42,7 @@ class V1Handlers:
         rest = self.reader.detach()
         self.version = 1
         self.reader = wire1.V1Reader(self.broker.config.max_frame_bytes)
+        self._v1_acks = collections.deque()  # [reply or None] per PUB not yet answered, in order
         self._v1_handlers = {
             _K[b"HEL"]: self._v1_hel,
             _K[b"PUB"]: self._v1_pub,
@@ -202,19 +204,40 @@ class V1Handlers:
         topic = self._v1_topic(rid, name, self.user.may_publish)
         if topic is None:
             return
+        # ACKs (and STORAGE_ERRORs) leave in PUB order (protocol.md), although
+        # the disk thread reports batches per topic and an empty batch needs
+        # no disk at all: each PUB takes a slot in a per-connection queue,
+        # filled with its reply when stored, written once it is at the front.
+        queue = self._v1_acks
         if not messages:
-            self.transport.write(wire1.encode(b"ACK", rid, _ACK.pack(topic.next_offset, 0)))
+            reply = wire1.encode(b"ACK", rid, _ACK.pack(topic.next_offset, 0))
+            if queue:
+                queue.append([reply])
+            else:
+                self.transport.write(reply)
             return
+        slot = [None]
+        queue.append(slot)
 
-        def on_stored(base, count, error, conn=self, rid=rid):
+        def on_stored(base, count, error, conn=self, rid=rid, slot=slot):
             if conn.closed:
                 return
             if error is None:
-                conn.transport.write(wire1.encode(b"ACK", rid, _ACK.pack(base, count)))
+                slot[0] = wire1.encode(b"ACK", rid, _ACK.pack(base, count))
             else:
-                conn._v1_error(rid, ErrorCode.STORAGE_ERROR, "not stored: %s" % error)
+                text = wire1.pack_str(("not stored: %s" % error)[:1000])
+                slot[0] = wire1.encode(b"ERR", rid, _ERR.pack(ErrorCode.STORAGE_ERROR) + text)
+            conn._v1_flush_acks()
 
         self.broker.publish(topic, messages, nbytes or len(payload), self, on_stored)
+
+    def _v1_flush_acks(self) -> None:
+        queue = self._v1_acks
+        out = []
+        while queue and queue[0][0] is not None:
+            out.append(queue.popleft()[0])
+        if out and not self.closed:
+            self.transport.write(b"".join(out))
 
     def _v1_sub(self, rid: int, payload: bytes, nbytes: int) -> None:
         name, pos = wire1.read_str(payload, 0)
@@ -243,7 +266,7 @@ class V1Handlers:
         self._v1_reply(rid, _U64.pack(offset))
         self.subs[topic.name] = sub
         topic.subscribers.add(sub)
-        self.schedule_delivery()
+        self.schedule_delivery(sub)
 
     def _v1_uns(self, rid: int, payload: bytes, nbytes: int) -> None:
         name, _ = wire1.read_str(payload, 0)
@@ -279,7 +302,7 @@ class V1Handlers:
             return
         sub.offset = offset
         self._v1_reply(rid, _U64.pack(offset))
-        self.schedule_delivery()
+        self.schedule_delivery(sub)
 
     def _v1_png(self, rid: int, payload: bytes, nbytes: int) -> None:
         self.transport.write(wire1.encode(b"POG", rid))

@@ -107,10 +107,12 @@ class TopicLog:
         orphans = []
         with os.scandir(directory) as it:
             for e in it:
-                stem, dot, ext = e.name.partition(".")
-                if ext == "log" and stem.isdigit():
+                stem, _dot, ext = e.name.partition(".")
+                if len(stem) != 20 or not stem.isdigit():
+                    continue
+                if ext == "log":
                     sizes[int(stem)] = e.stat().st_size
-                elif ext == "index" and stem.isdigit():
+                elif ext == "index":
                     orphans.append(int(stem))
         for base in orphans:
             if base not in sizes:  # left by a deletion cut short
@@ -313,7 +315,8 @@ class TopicLog:
         (one pass over the batch's record headers, in the codec, per
         split batch). A record bigger than a whole segment gets a segment
         of its own. On an OSError nothing of the batch is left behind:
-        every segment touched is cut back and new ones are removed.
+        every segment touched is cut back and new ones are removed (on any
+        exception, in fact).
         """
         self.materialize()
         seg = self.active
@@ -346,7 +349,7 @@ class TopicLog:
                     pos, i = end, j
                     if i < count:
                         seg = self._roll(rolled)
-        except OSError:
+        except BaseException:
             self.undo(AppendResult(pieces, rolled, None, undo))
             raise
         self.last_time = ts_ms

@@ -318,9 +318,10 @@ class Segment:
         index = SparseIndex.from_bytes(entries)
         stats = self.rcache.stats
         stats["index_rebuilds"] = stats.get("index_rebuilds", 0) + 1
-        if self.sealed and valid == size:
-            # Only sealed segments: the disk thread owns the active one's
-            # index file. No fsync: the file is a cache, checked on load.
+        if self.sealed and valid == size == self.size:
+            # Only sealed segments the loop sees whole: the disk thread owns
+            # the active one's index file. No fsync: the file is a cache,
+            # checked on load.
             try:
                 write_replace(self.index_path, entries, durable=False)
             except OSError as exc:

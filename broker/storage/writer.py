@@ -1,11 +1,12 @@
 """The disk thread, and the loop-side batching that feeds it.
 
 Publishes are not written one by one. The event loop collects them per
-topic (:meth:`DiskWriter.append`); whenever the disk thread is idle, every
-topic's pending messages, every changed consumer offset, the segment files
-retention released and any queued disk call go to it as one job. While it
-writes that job, the next one accumulates: this is group commit, and the
-busier the broker the larger the batches.
+topic (:meth:`DiskWriter.append`); at the end of a loop iteration in which
+the disk thread is idle, every topic's pending messages, every changed
+consumer offset, the segment files retention released and any queued disk
+call go to it as one job. While it writes that job, the next one
+accumulates: this is group commit, and the busier the broker the larger the
+batches.
 
 The disk thread encodes each topic's batch into records (one codec call),
 writes it (one ``pwrite``, two when a batch straddles a segment roll) and
@@ -123,6 +124,7 @@ class DiskWriter:
         self._calls: list = []                       # [(fn, args, future)] to run
         self._want_checkpoint = False                # checkpoint() asked for one
         self._retention_handle: asyncio.Handle | None = None  # retention timer or slice
+        self._kick_handle: asyncio.Handle | None = None  # _kick scheduled for this iteration
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         # Disk thread state.
         self._dirty: dict = {}                       # item -> fsync deadline (monotonic)
@@ -177,10 +179,10 @@ class DiskWriter:
                 and transport not in self._paused:
             self._paused.add(transport)
             transport.pause_reading()
-        self._kick()
+        self._kick_soon()
 
     def offsets_changed(self) -> None:
-        self._kick()
+        self._kick_soon()
 
     def forget(self, transport) -> None:
         """A paused connection went away: nothing to resume."""
@@ -246,16 +248,36 @@ class DiskWriter:
             self._retention_handle.cancel()
             self._retention_handle = None
         await self.flush()
+        if self._kick_handle is not None:
+            self._kick_handle.cancel()
+            self._kick_handle = None
         self._clean_stop = clean
         if self._thread.is_alive():
             self._queue.put(_STOP)
             await self._loop.run_in_executor(None, self._thread.join)
 
+    def _kick_soon(self) -> None:
+        """Submit a job at the end of this loop iteration, not now.
+
+        Everything published in the same iteration (every connection's
+        data_received, every producer woken by an acknowledgement) joins
+        the same job: under fsync=always, the same fsync.
+        """
+        if self._kick_handle is None:
+            self._kick_handle = self._loop.call_soon(self._kick)
+
     def _kick(self) -> None:
+        if self._kick_handle is not None:
+            self._kick_handle.cancel()
+            self._kick_handle = None
         if self._in_flight or not self._thread.is_alive():
             return
         if not (self._pending or self._offsets.dirty or self._deletes or self._calls
                 or self._want_checkpoint):
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
             return
         appends = []
         acks = []
@@ -287,11 +309,19 @@ class DiskWriter:
         self._in_flight = False
         self._pending_bytes -= self._job_bytes
         self._job_bytes = 0
+        stored = set()
         for topic, result in job.results:
             topic.written(result)
+            stored.add(topic)
             self._on_written(topic)
+        errors = job.errors
+        if len(stored) + len(errors) < len(job.appends):
+            # The disk thread failed before reaching some topics: not stored.
+            seen = stored.union(t for t, _c, _e in errors)
+            errors = errors + [(t, len(msgs), RuntimeError("disk thread error; not stored"))
+                               for t, msgs, _b in job.appends if msgs and t not in seen]
         failed = {}
-        for topic, count, exc in job.errors:
+        for topic, count, exc in errors:
             failed[topic] = exc
             self.stats["write_errors"] += 1
             topic.next_offset -= count  # those offsets were never assigned
@@ -318,12 +348,7 @@ class DiskWriter:
             for transport in paused:
                 if not transport.is_closing():
                     transport.resume_reading()
-        self._kick()
-        if not self._in_flight:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+        self._kick_soon()
 
     def _retention_tick(self, remaining: list | None = None) -> None:
         """Timer: check topics a slice at a time so the loop never stalls."""
@@ -414,7 +439,9 @@ class DiskWriter:
             try:
                 buf = records.encode_records(msgs, base, ts)
                 result = topic.append(buf, len(msgs), ts, _RECORD_OVERHEAD + len(msgs[-1]))
-            except OSError as exc:
+            except Exception as exc:  # OSError above all; anything else is refused too
+                if not isinstance(exc, OSError):
+                    log.exception("append to topic %s failed", topic.name)
                 job.errors.append((topic, len(msgs), exc))
                 continue
             self._changed = True

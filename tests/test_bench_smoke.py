@@ -1,0 +1,41 @@
+"""A smoke run of the end-to-end benchmark (``pylogstreams bench``).
+
+Both codecs, client and raw mode, tiny counts, no peers: it must complete
+and print its results table with one row per run. No timing assertions:
+the figures of a run this small mean nothing (docs/benchmarks.md has the
+real ones).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import impl_env
+
+pytestmark = pytest.mark.integration
+
+ROWS = [(scenario, system + "/" + codec)
+        for scenario in ("publish", "pubsub")
+        for system in ("ours", "ours-raw")
+        for codec in ("cython", "pure")]
+
+
+def test_bench_quick_run_prints_its_table(tmp_path):
+    report = tmp_path / "bench.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "broker", "bench", "--quick", "--scenarios", "publish,pubsub",
+         "--peers", "none", "--count", "2000", "--max-seconds", "30", "--json", str(report)],
+        env=impl_env("c"), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    for scenario, label in ROWS:
+        assert re.search(r"^\| %s \| %s \| [\d,]+ \| [\d,.]+ \|" % (scenario, re.escape(label)),
+                         out.stdout, re.M), "no row for %s %s in:\n%s" % (scenario, label, out.stdout)
+    assert "### Targets (issue 5)" in out.stdout
+    doc = json.loads(report.read_text())
+    assert sorted((r["scenario"], r["label"]) for r in doc["results"]) == sorted(ROWS)
+    assert all(not r.get("error") and r["messages"] == 2000 for r in doc["results"])
