@@ -392,11 +392,8 @@ def main() -> None:
 
 
 def _print(impls, appends, reads, restarts, total, args, ceiling, base) -> None:
-    try:
-        import uvloop  # noqa: F401
-        loop = "uvloop"
-    except ImportError:
-        loop = "asyncio"
+    import importlib.util
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     print("## pylogstreams storage benchmark\n")
     print("1 KB records (1000 B payload + 24 B header), %d MB segments, %s, %d CPUs, "
           "%.1f s per throughput cell. Rates are records stored per second.\n"

@@ -258,7 +258,7 @@ class _Progress:
 def pub(host: str, port: int, client_id: str | None, topic: str, message: str | None,
         verbose: bool, batch: int, **security) -> None:
     """Publish MESSAGE, or every line of stdin as one message, to TOPIC."""
-    from .client import BrokerError
+    from .client import BrokerError, ConnectionLost
     with _connect(host, port, client_id, **security) as client:
         try:
             if message is not None:
@@ -273,9 +273,8 @@ def pub(host: str, port: int, client_id: str | None, topic: str, message: str | 
             futures = []
 
             def send(chunk):
-                futs = producer.send_many(topic, chunk)
-                if verbose:
-                    futures.extend(futs)
+                # Every future is kept, -v or not: a refused batch must fail the run.
+                futures.extend(producer.send_many(topic, chunk))
                 progress.add(len(chunk))
 
             for line in stdin:
@@ -287,9 +286,10 @@ def pub(host: str, port: int, client_id: str | None, topic: str, message: str | 
                 send(lines)
             producer.flush()
             progress.close()
-            for fut in futures:
-                click.echo(fut.result())
-        except BrokerError as exc:
+            offsets = [fut.result() for fut in futures]
+            if verbose:
+                click.echo("".join("%d\n" % o for o in offsets), nl=False)
+        except (BrokerError, ConnectionLost) as exc:
             raise click.ClickException(str(exc)) from None
 
 
@@ -304,7 +304,7 @@ def sub(host: str, port: int, client_id: str | None, topic: str, start: str, cou
         fmt: str, **security) -> None:
     """Print the messages of TOPIC, one per line, as they arrive."""
     import json
-    from .client import BrokerError
+    from .client import BrokerError, ConnectionLost
     spec = _parse_start(start)
     out = sys.stdout.buffer
     with _connect(host, port, client_id, **security) as client:
@@ -329,7 +329,7 @@ def sub(host: str, port: int, client_id: str | None, topic: str, start: str, cou
                 seen += len(batch)
                 progress.add(len(batch))
             progress.close()
-        except BrokerError as exc:
+        except (BrokerError, ConnectionLost) as exc:
             raise click.ClickException(str(exc)) from None
         except BrokenPipeError:
             pass

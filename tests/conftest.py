@@ -27,7 +27,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -58,13 +57,16 @@ def impl_env(impl: str) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (BROKER_ROOT, env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # no __pycache__ appearing in sandboxes
     return env
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """Make the child get SIGKILL if pytest dies, so no broker outlives a run."""
+    """Make the child get SIGKILL if pytest dies, so no broker outlives a run.
+
+    Linux ties this to the *thread* that forked: start servers from the main
+    thread (or a thread that outlives them).
+    """
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

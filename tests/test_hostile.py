@@ -59,14 +59,33 @@ def hostile(impl, tmp_path_factory):
         impl, tmp_path_factory.mktemp("hostile-" + impl), "hostile",
         "--max-frame-bytes", str(MAX_FRAME), "--read-timeout", str(READ_TIMEOUT),
         "--max-subscriptions", "10050", "--max-topics", "30000", "--heartbeat-timeout", "60")
+    tried_before = CASES["tried"]
     yield srv
     alive = srv.running()
     paths = sandbox_paths(srv)
     stop_quietly(srv)
-    print("\nhostile cases tried (%s): %d" % (impl, CASES["tried"]))
+    print("\nhostile cases tried (%s): %d" % (impl, CASES["tried"] - tried_before))
     assert alive, "the broker died during the hostile suite\n%s" % srv.log_tail(60)
     # Nothing but the data dir in the server's working directory.
     assert all(p == "data" or p.startswith("data" + os.sep) for p in paths), paths
+
+
+@pytest.fixture(scope="module")
+def big(impl, tmp_path_factory):
+    """For the 10,000-subscription cases: the default --read-timeout (30 s).
+
+    With the hostile broker's 1 s, the pure codec spends long enough on one
+    256 kB chunk of SUB frames that the chunk's trailing partial frame is
+    older than 1 s when the liveness timer runs (timers run before reads
+    in a loop iteration): the read timeout counts the broker's own
+    processing time, so it must stay well above it (docs/security.md).
+    """
+    srv = start_server(impl, tmp_path_factory.mktemp("big-" + impl), "big",
+                       "--max-subscriptions", "10050", "--max-topics", "30000")
+    yield srv
+    alive = srv.running()
+    stop_quietly(srv)
+    assert alive, "the broker died\n%s" % srv.log_tail(60)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +156,7 @@ V1_REQUESTS = [
 
 HOSTILE_TOPICS = [
     b"", b".", b"..", b"../x", b"../../../../tmp/pylogstreams-escape", b"/tmp/pylogstreams-abs",
-    b"/etc/passwd", b"a/b", b"a\\b", b"a\x00b", b"\x00", b"x" * 201, b"x" * 65535, b"\xff\xfe",
+    b"/etc/passwd", b"a/b", b"a\\b", b"a\x00b", b"\x00", b"x" * 201, b"x" * 60000, b"\xff\xfe",
     "caf\u00e9".encode(), b"a b", b"\n", b"~", b"*", b"topics/../../x", b"%2e%2e", b"./x",
 ]
 
@@ -197,15 +216,16 @@ def test_v1_nothing_pipelined_after_a_fatal_error_is_executed(hostile, innocent)
 
 
 def test_v1_bad_hel_payloads(hostile, innocent):
-    # A client id over 255 bytes: refused, and the connection is not identified.
-    with V1Conn(hostile.port) as c:
-        c.send_raw(frame(b"HEL", 1, hel(1, b"y" * 256)))
-        expect_err(c, 1, BAD_REQUEST)
-        rid = c.send(b"PNG")
-        expect_err(c, rid, NOT_IDENTIFIED)
-        c.hello(b"good-after-bad")  # a correct HEL still works
-        c.ping()
-        CASES["tried"] += 2
+    """An error in HEL closes the connection (docs/protocol.md)."""
+    for payload, code in ((hel(1, b"y" * 256), BAD_REQUEST),   # client id over 255 bytes
+                          (b"\x00", BAD_REQUEST),               # no version
+                          (b"\x00\x01\x00\x09ab", BAD_REQUEST),  # truncated client id
+                          (b"", BAD_REQUEST)):
+        with V1Conn(hostile.port) as c:
+            c.send_raw(frame(b"HEL", 1, payload) + frame(b"PNG", 2))
+            frames = c.wait_closed(5)
+            CASES["tried"] += 1
+        assert [(k, r, struct.unpack_from(">H", p)[0]) for k, r, p in frames] == [(b"ERR", 1, code)]
 
 
 def test_v1_bad_crc_batch_is_refused_whole(hostile, innocent):
@@ -233,13 +253,14 @@ def test_v1_hostile_topic_names(hostile, innocent):
     with V1Conn(hostile.port) as c:
         c.hello()
         for name in HOSTILE_TOPICS:
-            for kind, payload in ((b"PUB", pub(name, [b"evil"]) if len(name) < 65536 else None),
+            for kind, payload in ((b"PUB", pub(name, [b"evil"])),
                                   (b"SUB", s(name) + struct.pack(">Bq", OLDEST, 0)),
-                                  (b"CMT", s(name) + struct.pack(">Q", 0))):
-                if payload is None or len(name) > 0xFFFF:
-                    continue
+                                  (b"CMT", s(name) + struct.pack(">Q", 0)),
+                                  (b"SEK", s(name) + struct.pack(">Bq", OLDEST, 0)),
+                                  (b"UNS", s(name))):
                 rid = c.send(kind, payload)
-                expect_err(c, rid, INVALID_TOPIC)
+                code = NOT_SUBSCRIBED if kind in (b"SEK", b"UNS") else INVALID_TOPIC
+                expect_err(c, rid, code)
                 CASES["tried"] += 1
         c.ping()
     after = sandbox_paths(hostile)
@@ -273,6 +294,7 @@ def test_v1_negative_and_huge_offsets(hostile, innocent):
         assert struct.unpack(">Q", c.request(b"SEK", spec(t, OFFSET, 2**63 - 1)))[0] == 4
         assert struct.unpack(">Q", c.request(b"SEK", spec(t, TIME, 2**63 - 1)))[0] == 4
         assert struct.unpack(">Q", c.request(b"SEK", spec(t, TIME, -2**63)))[0] == 0
+        assert [m[2] for m in c.read_messages(4, rid)] == [b"m0", b"m1", b"m2", b"m3"]
         rid2 = c.send(b"SEK", spec(t, 77, 0))
         expect_err(c, rid2, INVALID_OFFSET)
         # Back to 1: m1.. are delivered again, in order.
@@ -396,15 +418,16 @@ def test_v0_command_before_identification_closes(hostile, innocent):
 
 # -- truncated streams --------------------------------------------------------------
 
-def _cut_everywhere(port: int, stream: bytes, tag: str) -> None:
-    """Send every proper prefix of ``stream`` on its own connection, then close it.
+def _cut_everywhere(port: int, make_stream, n_cuts: int) -> None:
+    """Connection ``cut`` sends ``make_stream(cut)[:cut]`` and closes.
 
-    Odd cut points close with FIN, even ones with RST.
+    Odd cuts close with FIN, even ones with RST (the kernel may then drop
+    what the broker had not read yet: for those, less may be stored).
     """
-    for cut in range(len(stream)):
+    for cut in range(n_cuts):
         sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         try:
-            sock.sendall(stream[:cut])
+            sock.sendall(make_stream(cut)[:cut])
             if cut % 2 == 0:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         finally:
@@ -412,79 +435,92 @@ def _cut_everywhere(port: int, stream: bytes, tag: str) -> None:
         CASES["tried"] += 1
 
 
-def _wait_messages(port: int, topic: str, n: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = topics(port).get(topic, {"messages": 0})["messages"]
-        if got >= n or time.monotonic() > deadline:
-            return
+def _check_cuts(port: int, topic: str, units, n_cuts: int, unit_ends) -> None:
+    """Every cut stored a prefix of its whole units (all of them when closed by FIN).
+
+    ``units(cut)`` are the message lists (one per frame) of connection
+    ``cut``; ``unit_ends[i]`` is the stream position where frame ``i`` ends.
+    """
+    must = {m for cut in range(1, n_cuts, 2)
+            for u, end in zip(units(cut), unit_ends) if end <= cut for m in u}
+    deadline = time.monotonic() + 15
+    while True:  # v0 has no acks: wait until what must be stored is
+        stored = read_topic(port, topic)
+        if must <= {v for _, v in stored} or time.monotonic() > deadline:
+            break
         time.sleep(0.05)
+    assert [off for off, _ in stored] == list(range(len(stored))), "offsets not contiguous"
+    values = [v for _, v in stored]
+    assert len(set(values)) == len(values), "a message stored twice"
+    where = {v: i for i, v in enumerate(values)}
+    for cut in range(n_cuts):
+        complete = [u for u, end in zip(units(cut), unit_ends) if end <= cut]
+        partial = [u for u, end in zip(units(cut), unit_ends) if end > cut]
+        got = [[m in where for m in u] for u in complete]
+        for u in partial:
+            assert not any(m in where for m in u), "cut %d: a partial frame was stored" % cut
+        for flags in got:
+            assert all(flags) or not any(flags), "cut %d: part of a batch stored" % cut
+        stored_units = [all(f) for f in got]
+        assert stored_units == sorted(stored_units, reverse=True), (
+            "cut %d: a later frame stored without an earlier one" % cut)
+        if cut % 2:
+            assert all(stored_units), "cut %d (FIN): a complete frame was not stored" % cut
+        # In order within the connection.
+        flat = [m for u, ok in zip(complete, stored_units) if ok for m in u]
+        assert [where[m] for m in flat] == sorted(where[m] for m in flat), "cut %d: order" % cut
 
 
 def test_v0_stream_cut_at_every_byte(hostile, innocent):
     """A producer's stream cut at each position: only whole PUB frames are stored."""
     t = unique("cut0").encode()
-    msgs = [b"first message", b"second, with spaces", b"3"]
     head = v0frame(b"CID cutter")
-    pubs = [pub_frame(t, m) for m in msgs]
-    stream = head + b"".join(pubs)
-    # Expected: for each cut, the messages whose whole frame fits.
-    expect = 0
-    for cut in range(len(stream)):
-        end = len(head)
-        for p in pubs:
-            end += len(p)
-            if end <= cut:
-                expect += 1
-    _cut_everywhere(hostile.port, stream, "v0")
-    _wait_messages(hostile.port, t.decode(), expect)
-    stored = read_topic(hostile.port, t.decode())
-    assert [off for off, _ in stored] == list(range(len(stored)))
-    counts = {m: sum(1 for _, v in stored if v == m) for m in msgs}
-    exp_counts = {}
-    for i, m in enumerate(msgs):
-        end = len(head) + sum(len(p) for p in pubs[:i + 1])
-        exp_counts[m] = len(stream) - end  # cuts at positions >= end
-    assert counts == exp_counts, (counts, exp_counts)
-    assert len(stored) == expect
+
+    def units(cut):
+        return [[b"first message %03d" % cut], [b"second, with spaces %03d" % cut],
+                [b"3rd %03d" % cut]]
+
+    def stream(cut):
+        return head + b"".join(pub_frame(t, u[0]) for u in units(cut))
+
+    ends, pos = [], len(head)
+    for u in units(0):
+        pos += len(pub_frame(t, u[0]))
+        ends.append(pos)
+    n = len(stream(0))
+    _cut_everywhere(hostile.port, stream, n)
+    _check_cuts(hostile.port, t.decode(), units, n, ends)
 
 
 def test_v1_stream_cut_at_every_byte(hostile, innocent):
     """The same for v1: a batch is stored whole or not at all."""
     t = unique("cut1")
-    batches = [[b"a1", b"a2 with more bytes"], [b"b1"], [b"c1", b"c2", b"c3"]]
     head = frame(b"HEL", 1, hel(1, b"cutter"))
-    frames = [frame(b"PUB", i + 2, pub(t, b_)) for i, b_ in enumerate(batches)]
-    stream = head + b"".join(frames)
-    _cut_everywhere(hostile.port, stream, "v1")
-    exp_counts: dict[bytes, int] = {}
-    expect = 0
-    for i, b_ in enumerate(batches):
-        end = len(head) + sum(len(f) for f in frames[:i + 1])
-        for m in b_:
-            exp_counts[m] = len(stream) - end
-            expect += len(stream) - end
-    _wait_messages(hostile.port, t, expect)
-    stored = read_topic(hostile.port, t)
-    assert [off for off, _ in stored] == list(range(len(stored)))
-    counts = {m: sum(1 for _, v in stored if v == m) for m in exp_counts}
-    assert counts == exp_counts
-    # Batches are contiguous: every a1 is followed by its a2, every c1 by c2, c3.
-    values = [v for _, v in stored]
-    for i, v in enumerate(values):
-        if v == b"a1":
-            assert values[i + 1] == b"a2 with more bytes"
-        if v == b"c1":
-            assert values[i + 1:i + 3] == [b"c2", b"c3"]
+
+    def units(cut):
+        return [[b"a1 %03d" % cut, b"a2 with more bytes %03d" % cut], [b"b1 %03d" % cut],
+                [b"c1 %03d" % cut, b"c2 %03d" % cut, b"c3 %03d" % cut]]
+
+    def stream(cut):
+        return head + b"".join(frame(b"PUB", i + 2, pub(t, u)) for i, u in enumerate(units(cut)))
+
+    ends, pos = [], len(head)
+    for i, u in enumerate(units(0)):
+        pos += len(frame(b"PUB", i + 2, pub(t, u)))
+        ends.append(pos)
+    n = len(stream(0))
+    _cut_everywhere(hostile.port, stream, n)
+    _check_cuts(hostile.port, t, units, n, ends)
 
 
 # -- 10,000 subscriptions, limits ----------------------------------------------------
 
-def test_v1_subscription_to_10000_topics(hostile, innocent):
+def test_v1_subscription_to_10000_topics(big):
     prefix = unique("many")
     names = ["%s.%05d" % (prefix, i) for i in range(10_000)]
-    base_subs = stats(hostile.port)["subscriptions"]
-    with V1Conn(hostile.port, timeout=60) as c:
+    innocent = Bystander(big.port)
+    base_subs = stats(big.port)["subscriptions"]
+    with innocent, V1Conn(big.port, timeout=60) as c:
         c.hello()
         c.send_raw(b"".join(frame(b"SUB", 1000 + i, spec(n, OLDEST, 0))
                             for i, n in enumerate(names)))
@@ -493,9 +529,9 @@ def test_v1_subscription_to_10000_topics(hostile, innocent):
             k, rid, p = c.read_frame(60)
             assert (k, rid) == (b"RES", 1000 + i), (k, rid, p[:40])
         innocent.check()  # served while one connection holds 10,000 subscriptions
-        assert stats(hostile.port)["subscriptions"] == base_subs + 10_000
+        assert stats(big.port)["subscriptions"] == base_subs + 10_000
         chosen = names[::997]
-        with V1Conn(hostile.port) as p:
+        with V1Conn(big.port) as p:
             p.hello()
             for n in chosen:
                 p.publish(n, [n.encode()])
@@ -509,39 +545,31 @@ def test_v1_subscription_to_10000_topics(hostile, innocent):
             assert rid == 1000 + names.index(topic.decode())
         assert got == {n: [n.encode()] for n in chosen}
     deadline = time.monotonic() + 10
-    while stats(hostile.port)["subscriptions"] != base_subs:
+    while stats(big.port)["subscriptions"] != base_subs - 1:  # the bystander's is gone too
         assert time.monotonic() < deadline, "subscriptions not released after the close"
         time.sleep(0.05)
 
 
-def test_v0_subscription_to_10000_topics(hostile, innocent):
+def test_v0_subscription_to_10000_topics(big):
     prefix = unique("many0")
     names = [("%s.%05d" % (prefix, i)).encode() for i in range(10_000)]
-    with V0Client(hostile.port, timeout=60) as c:
+    with Bystander(big.port) as innocent, V0Client(big.port, timeout=60) as c:
         c.cid()
         c.send_raw(b"".join(v0frame(b"SUB " + n) for n in names))
         CASES["tried"] += 1
         c.barrier(timeout=60)
         chosen = names[::1999]
-        with V0Client(hostile.port) as p:
+        with V0Client(big.port) as p:
             p.cid()
             for n in chosen:
                 p.pub(n, b"hello " + n)
         got = c.read_deliveries(len(chosen), timeout=30)
         assert sorted(got) == sorted((n, b"hello " + n) for n in chosen)
+        innocent.check()
 
 
-@pytest.fixture(scope="module")
-def limited(impl, tmp_path_factory):
-    srv = start_server(impl, tmp_path_factory.mktemp("limited-" + impl), "limited",
-                       "--max-subscriptions", "100", "--max-topics", "150")
-    yield srv
-    alive = srv.running()
-    stop_quietly(srv)
-    assert alive, srv.log_tail(40)
-
-
-def test_subscription_limit_refused(limited):
+def test_subscription_limit_refused(server):
+    limited = server("--max-subscriptions", "100")
     prefix = unique("lim")
     with Bystander(limited.port) as by, V1Conn(limited.port) as c:
         c.hello()
@@ -551,27 +579,32 @@ def test_subscription_limit_refused(limited):
         text = expect_err(c, rid, LIMIT_EXCEEDED)
         assert "max-subscriptions" in text
         CASES["tried"] += 1
+        by.check()
         # UNS frees a slot.
         c.request(b"UNS", s(prefix + ".0"))
         c.request(b"SUB", spec(prefix + ".over", OLDEST, 0))
-        by.check()
     # v0: the 101st SUB is ignored (and counted): nothing is delivered for it.
     before = stats(limited.port).get("refused_subscriptions", 0)
+    names = [b"%s.v0.%d" % (prefix.encode(), i) for i in range(101)]
     with V0Client(limited.port) as c:
         c.cid()
-        c.send_raw(b"".join(v0frame(b"SUB %s.v0.%d" % (prefix.encode(), i)) for i in range(101)))
+        c.send_raw(b"".join(v0frame(b"SUB " + n) for n in names))
         CASES["tried"] += 1
-        c.barrier()  # the barrier's own SUB is refused too: it only works if...
-    assert stats(limited.port)["refused_subscriptions"] - before >= 1
+        with V1Conn(limited.port) as p:
+            p.hello()
+            p.publish(names[99].decode(), [b"in"])
+            p.publish(names[100].decode(), [b"over"])
+        assert c.read_deliveries(1) == [(names[99], b"in")]
+        c.expect_silence(0.3)
+    assert stats(limited.port)["refused_subscriptions"] - before == 1
+    assert "max-subscriptions" in limited.log_text()
 
 
-def test_topic_creation_flood_vs_max_topics(limited):
-    existing = len(topics(limited.port))
-    room = 150 - existing
-    assert room > 20
+def test_topic_creation_flood_vs_max_topics(server):
+    limited = server("--max-topics", "60")
     prefix = unique("flood")
     with Bystander(limited.port) as by:
-        room -= 1  # the bystander's topic
+        room = 60 - len(topics(limited.port))
         with V1Conn(limited.port) as c:
             c.hello()
             acked = refused = 0
@@ -585,6 +618,9 @@ def test_topic_creation_flood_vs_max_topics(limited):
                     refused += 1
                 CASES["tried"] += 1
             assert (acked, refused) == (room, 30)
+            # SUB to a new topic is refused the same way.
+            rid = c.send(b"SUB", spec(prefix + ".sub", OLDEST, 0))
+            expect_err(c, rid, LIMIT_EXCEEDED)
             # Existing topics still take messages.
             c.publish("%s.0" % prefix, [b"more"])
         with V0Client(limited.port) as p:
@@ -597,9 +633,11 @@ def test_topic_creation_flood_vs_max_topics(limited):
             p.wait_closed(5)
         by.check()
     names = topics(limited.port)
-    assert len(names) == 150
+    assert len(names) == 60
     assert not any(".v0." in n for n in names)
-    assert stats(limited.port)["refused_topics"] >= 50
+    assert [v for _, v in read_topic(limited.port, "%s.1" % prefix)] == [b"x", b"existing"]
+    assert stats(limited.port)["refused_topics"] == 30 + 1 + 20
+    assert "max-topics" in limited.log_text()
 
 
 # -- slowloris ------------------------------------------------------------------------
@@ -622,11 +660,12 @@ def test_slowloris_connections_are_closed(hostile, innocent):
         sock.sendall(hello + part)
         socks.append((name, sock, time.monotonic()))
         CASES["tried"] += 1
+    created = {name: t0 for name, _, t0 in socks}
     # A slow drip: one byte of a big frame every 0.25 s keeps it busy but
     # never completes the frame.
     drip = socket.create_connection(("127.0.0.1", hostile.port), timeout=10)
     drip_data = v0frame(b"CID drip") + pub_frame(b"drip", b"d" * 200)
-    drip.sendall(drip_data[:12])
+    drip.sendall(drip_data[:12])  # the whole CID frame: nothing partial yet
     # 100 more half-frame connections, to check many at once.
     crowd = []
     for i in range(100):
@@ -650,18 +689,23 @@ def test_slowloris_connections_are_closed(hostile, innocent):
                 data = sk.recv(100)
             except ConnectionError:
                 data = b""
-            assert data == b"", "%s got bytes: %r" % (name, data)
-            closed_at[name] = time.monotonic() - start
+            if data:
+                # Only a v1 connection's HEL gets an answer; nothing else does.
+                assert name.startswith("v1") and data[4:7] == b"RES", (name, data)
+                continue
+            closed_at[name] = time.monotonic() - created[name]
             del pending[name]
         if "drip" in pending and drip_pos < len(drip_data):
             try:
                 drip.sendall(drip_data[drip_pos:drip_pos + 1])
+                created.setdefault("drip", time.monotonic())  # the first partial byte
                 drip_pos += 1
             except OSError:
                 pass
     assert not pending, "still open after 6 s: %r" % sorted(pending)
     for name, t in closed_at.items():
-        assert t < READ_TIMEOUT * 2 + 1.5, (name, t)
+        # Closed for holding a partial frame --read-timeout seconds, not before.
+        assert READ_TIMEOUT * 0.9 <= t < READ_TIMEOUT * 2 + 1.5, (name, t)
     for s_ in crowd:
         s_.settimeout(5)
         try:
@@ -679,82 +723,135 @@ def test_slowloris_connections_are_closed(hostile, innocent):
     assert "incomplete for" in log
 
 
-# -- heartbeat floods --------------------------------------------------------------------
-
-def _flood(sock: socket.socket, chunk: bytes, seconds: float) -> tuple[int, bool]:
-    """Send ``chunk`` repeatedly for ``seconds``; ``(bytes sent, was blocked for 1 s)``."""
-    sock.setblocking(False)
-    sent = 0
-    blocked_since = None
-    end = time.monotonic() + seconds
-    view = memoryview(chunk)
-    while time.monotonic() < end:
+def test_partial_frame_after_a_quiet_period_times_out(hostile, innocent):
+    """A client that behaves, stays quiet past a liveness check, then sends
+    half a frame is closed within the read timeout (not the heartbeat's 60 s)."""
+    socks = []
+    for hello, part in ((v0frame(b"CID late"), u32(40) + b"SUB x"),
+                        (frame(b"HEL", 1, hel(1, b"late")), u32(40) + b"PNG")):
+        sock = socket.create_connection(("127.0.0.1", hostile.port), timeout=10)
+        sock.sendall(hello)
+        socks.append((sock, part))
+    time.sleep(READ_TIMEOUT * 1.2)
+    t0 = time.monotonic()
+    for sock, part in socks:
+        sock.sendall(part)
+    took = []
+    for sock, _part in socks:
+        sock.settimeout(READ_TIMEOUT * 3 + 2)
         try:
-            sent += sock.send(view)
-            blocked_since = None
-        except BlockingIOError:
-            now = time.monotonic()
-            if blocked_since is None:
-                blocked_since = now
-            elif now - blocked_since > 1.0:
-                return sent, True
-            select.select([], [sock], [], 0.05)
-    return sent, False
+            while sock.recv(100):  # v1: the HEL's answer, then EOF
+                pass
+        except ConnectionError:
+            pass
+        took.append(time.monotonic() - t0)
+        sock.close()
+        CASES["tried"] += 1
+    for t in took:
+        assert READ_TIMEOUT * 0.9 <= t < READ_TIMEOUT * 2 + 1, took
+
+
+_FLOODER = r"""
+import select, socket, struct, sys, time
+port, kind, seconds = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+sock = socket.create_connection(("127.0.0.1", port))
+if kind == "v1":
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    cid = b"flooder"
+    hel = b"HEL" + struct.pack(">IH", 1, 1) + struct.pack(">H", len(cid)) + cid
+    sock.sendall(struct.pack(">I", len(hel)) + hel)
+    one = struct.pack(">I3sI", 7, b"PNG", 2)
+else:
+    sock.sendall(struct.pack(">I", 11) + b"CID flooder")
+    one = struct.pack(">I", 3) + b"PNG"
+chunk = memoryview(one * 20000)
+sock.setblocking(False)
+sent, pos, blocked_since, blocked = 0, 0, None, False
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        n = sock.send(chunk[pos:])
+        sent += n
+        pos = (pos + n) % len(chunk)
+        blocked_since = None
+    except BlockingIOError:
+        now = time.monotonic()
+        if blocked_since is None:
+            blocked_since = now
+        elif now - blocked_since > 1.0:
+            blocked = True
+            break
+        select.select([], [sock], [], 0.05)
+    except OSError:
+        break
+print(sent, int(blocked), flush=True)
+if not blocked:
+    sock.setblocking(True)
+    sock.sendall(chunk[pos:]) if pos else None
+    sock.sendall(struct.pack(">I", 0))  # v0 and v1: the zero-length goodbye
+    sock.settimeout(30)
+    while sock.recv(1 << 16):  # v0: no replies; wait for the close
+        pass
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+sock.close()
+"""
+
+
+def _flood(port: int, kind: str, seconds: float, bystander) -> tuple[int, bool, list]:
+    """Flood from another process (a thread here would starve the bystander of
+    the GIL); returns ``(bytes sent, blocked for 1 s, bystander latencies)``."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", _FLOODER, str(port), kind, str(seconds)],
+                            stdout=subprocess.PIPE)
+    lat = []
+    try:
+        while proc.poll() is None:
+            lat.append(bystander.check(timeout=5))
+            time.sleep(0.02)
+        out = proc.stdout.read().split()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert proc.returncode == 0 and len(out) == 2, out
+    return int(out[0]), bool(int(out[1])), lat
+
+
+def _responsive(lat: list) -> None:
+    """The bystander was served all along: every round trip within 5 s (else
+    check() failed), typically fast, never stalled for long. Generous bounds:
+    CI machines are shared; the figures are printed for the record."""
+    assert len(lat) >= 3, lat
+    assert sorted(lat)[len(lat) // 2] < 0.5, "median bystander round trip %.2f s" % sorted(lat)[len(lat) // 2]
+    assert max(lat) < 2.5, "bystander waited %.2f s during the flood" % max(lat)
 
 
 def test_v1_heartbeat_flood_from_a_client_that_never_reads(hostile, innocent):
     """PNG spam whose POG answers are never read: the broker stops reading that
     client (reply back-pressure), its memory stays bounded, others are served."""
     rss_before = rss_kb(hostile.proc.pid)
-    sock = socket.create_connection(("127.0.0.1", hostile.port), timeout=10)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    sock.sendall(frame(b"HEL", 1, hel(1, b"flooder")))
-    chunk = frame(b"PNG", 2) * 20_000  # 220 kB
-    result = {}
-
-    def run():
-        result["sent"], result["blocked"] = _flood(sock, chunk, 20.0)
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-    lat = []
-    while th.is_alive():
-        lat.append(innocent.check(timeout=5))
-        time.sleep(0.05)
-    th.join()
-    CASES["tried"] += 1
+    sent, blocked, lat = _flood(hostile.port, "v1", 20.0, innocent)
     rss_after = rss_kb(hostile.proc.pid)
-    assert result["blocked"], "the broker kept reading a client that never reads its replies"
+    CASES["tried"] += 1
+    assert blocked, "the broker kept reading a client that never reads its replies"
     # What was read before the pause: about the write buffer's high-water
-    # mark (1 MiB) plus socket buffers, in 11-byte PNGs.
-    assert result["sent"] < 64 * 1024 * 1024, result
+    # mark (1 MiB) of POGs plus socket buffers, in 11-byte PNGs.
+    assert sent < 64 * 1024 * 1024, sent
     assert rss_after - rss_before < 64 * 1024, (rss_before, rss_after)
-    assert max(lat) < 2.0, "bystander waited %.2f s during the flood" % max(lat)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
+    _responsive(lat)
     print("\nv1 PNG flood: %.1f MB sent before the broker stopped reading; RSS %d -> %d kB; "
-          "bystander max %.0f ms" % (result["sent"] / 1e6, rss_before, rss_after, max(lat) * 1e3))
+          "bystander max %.0f ms" % (sent / 1e6, rss_before, rss_after, max(lat) * 1e3))
 
 
 def test_v0_heartbeat_flood(hostile, innocent):
     """v0 PNG spam (no replies in v0): read and dropped, memory flat, others served."""
     rss_before = rss_kb(hostile.proc.pid)
-    with V0Client(hostile.port) as c:
-        c.cid()
-        chunk = v0frame(b"PNG") * 30_000
-        result = {}
-        th = threading.Thread(
-            target=lambda: result.update(zip(("sent", "blocked"), _flood(c.sock, chunk, 2.0))),
-            daemon=True)
-        th.start()
-        lat = []
-        while th.is_alive():
-            lat.append(innocent.check(timeout=5))
-        th.join()
-        CASES["tried"] += 1
-        c.sock.setblocking(True)
-        c.barrier(timeout=30)  # every PNG was read; the connection still works
+    sent, blocked, lat = _flood(hostile.port, "v0", 2.0, innocent)
     rss_after = rss_kb(hostile.proc.pid)
-    assert result["sent"] > 1_000_000, result
+    CASES["tried"] += 1
+    assert not blocked and sent > 1_000_000, (sent, blocked)
     assert rss_after - rss_before < 64 * 1024, (rss_before, rss_after)
-    assert max(lat) < 2.0, max(lat)
+    _responsive(lat)
+    print("\nv0 PNG flood: %.1f MB read and dropped; RSS %d -> %d kB; bystander max %.0f ms"
+          % (sent / 1e6, rss_before, rss_after, max(lat) * 1e3))

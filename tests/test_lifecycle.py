@@ -9,6 +9,7 @@ rule from outside, against a real ``pylogstreams serve``.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import impl_env
-from v0client import V0Client, consumer, make_message, message_index, produce
+from v0client import consumer, make_message, message_index, produce
 
 pytestmark = pytest.mark.integration
 
@@ -67,8 +68,7 @@ def test_resume_point_after_disconnect_while_paused(server):
         # Stop reading for a while: everything the server can push piles up in
         # the kernel buffers and the transport's buffer, then it must pause.
         time.sleep(1.0)
-        rcvbuf = c.sock.getsockopt(__import__("socket").SOL_SOCKET,
-                                   __import__("socket").SO_RCVBUF)
+        rcvbuf = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         received = len(got)
     finally:
         c.abort()

@@ -13,8 +13,11 @@ import subprocess
 
 import pytest
 
-from storage_helpers import (  # noqa: F401  (records_impl is a fixture)
-    make_store, publish, read_all, records_impl, segment_files, start_writer)
+import storage_helpers
+from storage_helpers import (
+    make_store, publish, read_all, segment_files, start_writer)
+
+records_impl = storage_helpers.records_impl  # fixture: every test runs with both codecs
 
 
 @pytest.fixture
@@ -149,4 +152,34 @@ def test_eio_refuses_the_batch(records_impl, tmp_path, monkeypatch, fault, batch
     stored = asyncio.run(main())
     store = make_store(tmp_path, fsync="always", segment_bytes=4096)
     assert [p for _o, _t, p in read_all(store.get("t"))] == stored
+    store.close()
+
+
+def test_failed_offsets_write_is_retried(tmp_path, monkeypatch):
+    from broker.storage import offsets as offsets_module
+    real = offsets_module.write_all
+    failing = [True]
+
+    def flaky(fd, data):
+        if failing[0]:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, data)
+
+    monkeypatch.setattr(offsets_module, "write_all", flaky)
+
+    async def main():
+        store = make_store(tmp_path)
+        writer = await start_writer(store)
+        store.offsets.set(b"client", "t", 5)
+        writer.offsets_changed()
+        await writer.flush()  # the journal write failed; the update is kept for later
+        failing[0] = False
+        publish(writer, store.get_or_create("t"), [b"x"])  # any later job retries it
+        await writer.flush()
+        await writer.close()
+        store.close()
+
+    asyncio.run(main())
+    store = make_store(tmp_path)
+    assert store.offsets.get(b"client", "t") == 5
     store.close()

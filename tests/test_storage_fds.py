@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from storage_helpers import (  # noqa: F401  (records_impl is a fixture)
-    append, decoder, make_store, open_fds, publish, read_all, records_impl, start_writer)
+import storage_helpers
+from storage_helpers import (
+    append, decoder, make_store, open_fds, publish, read_all, start_writer)
+
+records_impl = storage_helpers.records_impl  # fixture: every test runs with both codecs
 
 READ_CAP = 16
 WRITE_CAP = 8

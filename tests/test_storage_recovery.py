@@ -20,8 +20,11 @@ import zlib
 import pytest
 
 from broker.storage import checkpoint
-from storage_helpers import (  # noqa: F401  (records_impl is a fixture)
-    append, decoder, make_store, publish, read_all, records_impl, segment_files, start_writer)
+import storage_helpers
+from storage_helpers import (
+    append, decoder, make_store, publish, read_all, segment_files, start_writer)
+
+records_impl = storage_helpers.records_impl  # fixture: every test runs with both codecs
 
 _HDR = struct.Struct(">IIQQ")
 

@@ -6,9 +6,11 @@ import asyncio
 import os
 
 from broker.storage import fileio
-from storage_helpers import (  # noqa: F401  (records_impl is a fixture)
-    FakeClock, append, decoder, make_store, publish, read_all, records_impl, segment_files,
-    start_writer)
+import storage_helpers
+from storage_helpers import (
+    FakeClock, append, decoder, make_store, publish, read_all, segment_files, start_writer)
+
+records_impl = storage_helpers.records_impl  # fixture: every test runs with both codecs
 
 HOUR = 3600.0
 DAY = 24 * HOUR

@@ -6,8 +6,11 @@ import asyncio
 import bisect
 import random
 
-from storage_helpers import (  # noqa: F401  (records_impl is a fixture)
-    FakeClock, append, make_store, publish, read_all, records_impl, start_writer)
+import storage_helpers
+from storage_helpers import (
+    FakeClock, append, make_store, publish, read_all, start_writer)
+
+records_impl = storage_helpers.records_impl  # fixture: every test runs with both codecs
 
 
 def _build(topic, rng, t0):

@@ -9,8 +9,11 @@ import os
 import pytest
 
 from broker.storage import LogStore
-from storage_helpers import (  # noqa: F401  (records_impl is a fixture)
-    append, make_store, publish, read_all, records_impl, segment_files, start_writer)
+import storage_helpers
+from storage_helpers import (
+    append, make_store, publish, read_all, segment_files, start_writer)
+
+records_impl = storage_helpers.records_impl  # fixture: every test runs with both codecs
 
 
 class FsyncSpy:

@@ -431,7 +431,7 @@ def test_many_consumers_of_one_topic(server):
             c.close()
 
 
-def test_python_m_broker_and_pure_flag(server, impl):
+def test_pure_flag_forces_the_pure_codec(server, impl):
     """``--pure`` forces the pure codec whatever the build."""
     if impl != "c":
         pytest.skip("only meaningful for the compiled build")

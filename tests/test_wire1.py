@@ -300,6 +300,23 @@ def test_pack_str(w):
         w.wire1.pack_str("é" * 40000)
 
 
+@pytest.mark.parametrize("bad", [5, None, [1, 2], 1.5], ids=["int", "none", "list", "float"])
+def test_non_bytes_refused(w, bad):
+    """Only str (where a string is meant) and bytes-like objects: bytes(5) is
+    five zero bytes and bytes([1, 2]) two, neither is what the caller meant."""
+    wire1 = w.wire1
+    with pytest.raises(TypeError):
+        wire1.pack_str(bad)
+    with pytest.raises(TypeError):
+        wire1.encode(b"PNG", 1, bad)
+    with pytest.raises(TypeError):
+        wire1.encode(bad, 1)
+    with pytest.raises(TypeError):
+        wire1.encode_publish(1, bad, [b"x"])
+    with pytest.raises(TypeError):
+        wire1.message_frame(raw_records([b"v"], 0, 0), 1, bad, 0, 10, 100)
+
+
 def test_read_str(w):
     rs = w.wire1.read_str
     data = b"junk" + b"\0\x03abc" + b"\0\0" + b"tail"
@@ -587,10 +604,31 @@ def test_differential_encode(twins, kind, rid, payload):
     both(twins, "encode", kind, rid, payload)
 
 
+anything = st.one_of(st.binary(max_size=40), st.text(max_size=20), st.integers(-3, 300),
+                     st.none(), st.lists(st.integers(0, 255), max_size=4),
+                     st.binary(max_size=20).map(bytearray), st.binary(max_size=20).map(memoryview))
+
+
 @HYP
-@given(value=st.one_of(st.binary(max_size=40), st.text(max_size=20)))
+@given(value=anything)
 def test_differential_pack_str(twins, value):
     both(twins, "pack_str", value)
+
+
+@HYP
+@given(kind=st.one_of(kinds, anything), payload=anything, topic=anything,
+       msgs=st.lists(st.one_of(st.binary(max_size=8), anything), max_size=3))
+def test_differential_argument_types(twins, kind, payload, topic, msgs):
+    both(twins, "encode", kind, 1, payload)
+    both(twins, "message_frame", raw_records([b"v", b"w"], 0, 0), 1, topic, 0, 10, 100)
+    # With several wrong messages the twins may complain about different ones
+    # (C sizes them all first): the same result, or the same exception type.
+    c, py = twins
+    a = outcome(c.wire1.encode_publish, 1, topic, msgs)
+    b = outcome(py.wire1.encode_publish, 1, topic, msgs)
+    assert a[:2] == b[:2], (a, b)
+    if a[0] == "ok" or all(type(m) is bytes for m in msgs):
+        assert a == b
 
 
 @st.composite

@@ -138,10 +138,15 @@ class V1Reader:
         return pos
 
 
+def _bytes(value) -> bytes:
+    # Bytes-like objects only: bytes(5) would be five zero bytes, bytes([1, 2]) two.
+    return value if type(value) is bytes else bytes(memoryview(value))
+
+
 def encode(kind: bytes, rid: int, payload=b"") -> bytes:
     """One v1 frame of ``kind`` (3 bytes) with request id ``rid``."""
-    kind = bytes(kind)
-    payload = bytes(payload)
+    kind = _bytes(kind)
+    payload = _bytes(payload)
     # struct's "3s" would pad or cut a wrong-sized kind: refuse it instead.
     if len(kind) != 3:
         raise ValueError("kind must be 3 bytes")
@@ -152,8 +157,7 @@ def encode(kind: bytes, rid: int, payload=b"") -> bytes:
 
 def pack_str(value) -> bytes:
     """``[u16 n][n bytes]``; ``value`` is str (UTF-8) or bytes."""
-    if isinstance(value, str):
-        value = value.encode("utf-8")
+    value = value.encode("utf-8") if isinstance(value, str) else _bytes(value)
     if len(value) > 0xFFFF:
         raise ValueError("string longer than 65535 bytes")
     return _U16.pack(len(value)) + value

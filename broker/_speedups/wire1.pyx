@@ -169,10 +169,15 @@ cdef class V1Reader:
         return pos
 
 
+cdef inline bytes _bytes(value):
+    # Bytes-like objects only: bytes(5) would be five zero bytes, bytes([1, 2]) two.
+    return value if type(value) is bytes else bytes(memoryview(value))
+
+
 def encode(kind, rid, payload=b""):
     """One v1 frame of ``kind`` (3 bytes) with request id ``rid``."""
-    cdef bytes k = bytes(kind)
-    cdef bytes p = bytes(payload)
+    cdef bytes k = _bytes(kind)
+    cdef bytes p = _bytes(payload)
     cdef Py_ssize_t n = len(p)
     cdef bytes out
     cdef unsigned char* o
@@ -192,9 +197,7 @@ def encode(kind, rid, payload=b""):
 
 def pack_str(value):
     """``[u16 n][n bytes]``; ``value`` is str (UTF-8) or bytes."""
-    if isinstance(value, str):
-        value = value.encode("utf-8")
-    value = bytes(value)
+    value = value.encode("utf-8") if isinstance(value, str) else _bytes(value)
     cdef Py_ssize_t n = len(value)
     if n > 0xFFFF:
         raise ValueError("string longer than 65535 bytes")
@@ -226,9 +229,7 @@ def encode_publish(rid, topic, messages):
     cdef Py_ssize_t i, count, total, tlen, mlen, pos
     cdef Py_buffer view
     cdef unsigned char* o
-    if isinstance(topic, str):
-        topic = topic.encode("utf-8")
-    t = bytes(topic)
+    t = topic.encode("utf-8") if isinstance(topic, str) else _bytes(topic)
     tlen = len(t)
     if tlen > 0xFFFF:
         raise ValueError("string longer than 65535 bytes")
@@ -333,10 +334,6 @@ def message_frame(buf, rid, topic, from_offset, end_offset, max_bytes):
     lo = from_offset
     hi = end_offset
     nxt = lo
-    if isinstance(topic, str):
-        topic = topic.encode("utf-8")
-    t = bytes(topic)
-    tlen = len(t)
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
     try:
         p = <const unsigned char*>view.buf
@@ -359,7 +356,10 @@ def message_frame(buf, rid, topic, from_offset, end_offset, max_bytes):
             pos += 4 + hdr.length
         if not count:
             return b"", 0, max(<object>nxt, from_offset), pos
-        if tlen > 0xFFFF:  # where the pure twin's pack_str refuses it
+        # The topic is checked here, where the pure twin's pack_str checks it.
+        t = topic.encode("utf-8") if isinstance(topic, str) else _bytes(topic)
+        tlen = len(t)
+        if tlen > 0xFFFF:
             raise ValueError("string longer than 65535 bytes")
         size = pos - first
         out = PyBytes_FromStringAndSize(NULL, 4 + _FRAME_HEADER + 2 + tlen + 4 + size)

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import argparse
 import array
-import math
 import multiprocessing as mp
 import os
 import queue
 import signal
 import sys
 import time
+import traceback
 
 from . import report
 from .servers import NatsServer, OursServer, RedisServer, ServerError, stop_all
@@ -99,14 +99,14 @@ def plan_run(run: Run, port: int, args) -> dict:
                 window=p["window"], fetch=p["fetch"], max_seconds=args.max_seconds,
                 client_pure=(run.codec == "pure" and args.client_codec == "same")
                 or args.client_codec == "pure",
-                max_frame_bytes=1 << 20, stamps=not p.get("backlog"))
+                max_frame_bytes=p.get("max_frame_bytes", 1 << 20), stamps=not p.get("backlog"))
     phases = []
     if sc.startswith("conn"):
         clients = [dict(name="conn-%d" % j) for j in range(p["connections"])]
         plans = [dict(base, role="conn", clients=part, hold=p["hold"],
                       ping_interval=p["ping_interval"])
                  for part in _split(clients, p.get("procs") or 2)]
-        phases.append(("measure", plans, 0))
+        phases.append(("measure", plans))
         return {"phases": phases, "expected": [], "headline": "conn"}
 
     batch = p["batch"]
@@ -119,7 +119,7 @@ def plan_run(run: Run, port: int, args) -> dict:
         pre_clients = [dict(name="pre-%d" % t, topic=topics[t], quota=per_topic[t])
                        for t in range(len(topics))]
         phases.append(("preload", [dict(base, system=preload_system, role="preload",
-                                        clients=pre_clients, batch=batch, window=4)], 0))
+                                        clients=pre_clients, batch=batch, window=4)]))
         topic_total = dict(zip(topics, per_topic))
         n_prod = 0
     else:
@@ -147,7 +147,7 @@ def plan_run(run: Run, port: int, args) -> dict:
             expected.append(-1 if p.get("duration") else topic_total[topic])
         for part in _split(cons, p.get("procs") or 1):
             plans.append(dict(base, role="consume", clients=part))
-    phases.append(("measure", plans, 0))
+    phases.append(("measure", plans))
     return {"phases": phases, "expected": expected,
             "headline": "consume" if n_cons else "produce", "topics": topics}
 
@@ -168,8 +168,10 @@ class _Progress:
             return
         try:
             from tqdm import tqdm
+            extra = {"bar_format": "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} s"} \
+                if unit == "s" else {}
             self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False,
-                            file=sys.stderr, dynamic_ncols=True)
+                            file=sys.stderr, dynamic_ncols=True, **extra)
         except ImportError:
             self.simple = True
 
@@ -190,8 +192,7 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _phase(ctx, server, plans: list[dict], expected_init: list[int], run: Run, measured: bool,
-           progress_desc: str):
+def _phase(ctx, server, plans: list[dict], expected_init: list[int], progress_desc: str):
     """Spawn the workers of one phase, start them together, collect what they report."""
     n = len(plans)
     counters = ctx.Array("q", max(1, n), lock=False)
@@ -243,8 +244,10 @@ def _phase(ctx, server, plans: list[dict], expected_init: list[int], run: Run, m
         bar = _Progress(progress_desc, duration if use_time else total, "s" if use_time else "msg")
         deadline = time.monotonic() + run_deadline(plans)
         producers_done = False
+        dead_since: dict = {}   # worker index -> when it was first seen dead without a result
+        finished: set = set()   # workers that reported a result or an error
         try:
-            while len(out["results"]) + len(out["errors"]) < n:
+            while len(finished) < n:
                 try:
                     msg = q.get(timeout=_PROGRESS_EVERY)
                 except queue.Empty:
@@ -252,8 +255,10 @@ def _phase(ctx, server, plans: list[dict], expected_init: list[int], run: Run, m
                 if msg is not None:
                     if msg[0] == "result":
                         out["results"][msg[1]] = msg[2]
+                        finished.add(msg[1])
                     elif msg[0] == "error":
                         out["errors"].append("worker %d (%s): %s" % (msg[1], plans[msg[1]]["role"], msg[2]))
+                        finished.add(msg[1])
                         stop.set()
                 now = time.time()
                 done = sum(counters[i] for i in head_ids)
@@ -275,18 +280,21 @@ def _phase(ctx, server, plans: list[dict], expected_init: list[int], run: Run, m
                 elif time.monotonic() > deadline:
                     break
                 for i, proc in enumerate(procs):
-                    if not proc.is_alive() and i not in out["results"] and proc.exitcode not in (0, None) \
-                            and q.empty():
-                        out["errors"].append("worker %d exited with code %s" % (i, proc.exitcode))
+                    if proc.is_alive() or i in finished or not q.empty():
+                        continue
+                    # Dead without a result: give its last message a moment to arrive.
+                    gone = dead_since.setdefault(i, time.monotonic())
+                    if time.monotonic() - gone > 2.0:
+                        out["errors"].append("worker %d exited (code %s) without a result"
+                                             % (i, proc.exitcode))
                         stop.set()
-                        out["results"][i] = None
+                        finished.add(i)
         finally:
             bar.close()
         out["cpu"] = server.stats.cpu_seconds() - cpu0
         out["t0"] = t0
         out["mem_ready"] = mem_ready
         out["mem_end"] = server.stats.memory()
-        out["results"] = {k: v for k, v in out["results"].items() if v is not None}
         out["head_ids"] = head_ids
         out["plans"] = plans
         return out
@@ -314,10 +322,12 @@ def run_deadline(plans: list[dict]) -> float:
 def _start_server(run: Run, args, connections: int):
     if run.system.startswith("ours"):
         extra: tuple = ()
+        if run.params.get("max_frame_bytes"):
+            extra += ("--max-frame-bytes", str(run.params["max_frame_bytes"]))
         if connections:
             # The broker's defaults cap connections (5,000 per address): lift
             # them for the run, every benchmark client comes from 127.0.0.1.
-            extra = OursServer.connection_limit_options(connections + 100)
+            extra += OursServer.connection_limit_options(connections + 100)
         return OursServer(pure=run.codec == "pure", fsync=args.fsync, extra=extra).start()
     if run.system == "redis":
         return RedisServer(fsync=args.fsync, maxclients=max(10_000, connections + 64)).start()
@@ -338,18 +348,18 @@ def execute(ctx, run: Run, args, index: int, total: int) -> dict:
         row["server"] = server.description
         plan = plan_run(run, server.port, args)
         base_mem = server.stats.memory()
-        for name, plans, _ in plan["phases"]:
+        for name, plans in plan["phases"]:
             desc = "[%d/%d] %s %s%s" % (index, total, run.scenario, run.label,
                                         " (preload)" if name == "preload" else "")
-            out = _phase(ctx, server, plans, plan["expected"] if name == "measure" else [],
-                         run, name == "measure", desc)
+            out = _phase(ctx, server, plans, plan["expected"] if name == "measure" else [], desc)
             if out["errors"]:
                 raise RuntimeError("; ".join(e.strip() for e in out["errors"]))
             if name == "preload":
                 continue
             fill_row(row, run, out, plan, base_mem)
-    except (ServerError, RuntimeError, OSError) as exc:
-        row["error"] = str(exc)
+    except Exception as exc:  # noqa: BLE001 - one failed run must not stop the others
+        row["error"] = str(exc) if isinstance(exc, (ServerError, RuntimeError, OSError)) else \
+            "%s: %s\n%s" % (type(exc).__name__, exc, traceback.format_exc(limit=6))
         if server is not None and server.proc is not None and server.proc.poll() is not None:
             row["error"] += " (server exited %s; log tail: %s)" % (server.proc.returncode,
                                                                   server.log_tail(5))
@@ -391,7 +401,7 @@ def fill_row(row: dict, run: Run, out: dict, plan: dict, base_mem: dict) -> None
         "published": sum(r["count"] for r in prods),
         "seconds": round(seconds, 3),
         "msgs_per_s": count / seconds,
-        "mb_per_s": count * p.get("size", 0) / seconds / 1e6,
+        "mb_per_s": None if head == "conn" else count * p.get("size", 0) / seconds / 1e6,
         "latency_ms": report.percentiles(lat),
         "latency_kind": kind,
         "latency_samples": len(lat),
@@ -412,11 +422,12 @@ def fill_row(row: dict, run: Run, out: dict, plan: dict, base_mem: dict) -> None
                      % ("{:,}".format(n), per, out.get("connect_seconds", 0.0)))
         if p.get("capped"):
             notes.append(p["capped"])
-    if p.get("rate"):
-        want = p["rate"] * p["duration"]
-        notes.append("achieved %s of %s msg/s" % (report.fmt_rate(row["published"] / p["duration"]),
-                                                   report.fmt_rate(p["rate"])))
-        if row["published"] < 0.95 * want:
+    if p.get("rate") and prods:
+        p_last = max([r["t_last"] for r in prods if r["t_last"]] or [out["t0"]])
+        achieved = row["published"] / max(1e-9, p_last - out["t0"])
+        row["achieved_rate"] = achieved
+        notes.append("published at %s of %s msg/s" % (report.fmt_rate(achieved), report.fmt_rate(p["rate"])))
+        if achieved < 0.95 * p["rate"]:
             notes.append("fell behind the rate")
     if run.system == "ours-raw":
         notes.append("pre-encoded frames")
@@ -505,8 +516,11 @@ def make_runs(args) -> tuple[list[Run], list[str]]:
             params.pop("count", None)
         if params.get("rate") and not params.get("duration") and not params.get("count"):
             params["duration"] = 5.0
-        # A batch must fit in one frame (the broker's default --max-frame-bytes, 1 MiB).
+        # A batch must fit in one frame (the broker's default --max-frame-bytes, 1 MiB);
+        # a message too big for that raises the broker's limit for the run.
         fit = max(1, ((1 << 20) - 256) // (args.size + 8))
+        if args.size + 8 + 256 > (1 << 20):
+            params["max_frame_bytes"] = args.size + 4096
         if params["batch"] > fit:
             params["batch"] = fit
             notes.append("%s: batch capped to %d messages so that a PUB frame fits in 1 MiB" % (s, fit))

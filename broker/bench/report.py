@@ -188,14 +188,15 @@ def targets_table(results: list[dict], quick: bool) -> str:
         rows.append(row(">= 3x %s on every throughput scenario" % peer, worst,
                         worst is not None and worst[0] >= 3.0,
                         "lowest %.2fx (%s)" % worst if worst else ""))
-    best_pure = None
-    for s in ("publish", "consume", "pubsub", "devlog50"):
-        v = rate(s, "ours/pure")
-        if v and (best_pure is None or v < best_pure[0]):
-            best_pure = (v, s)
-    rows.append(row("pure mode >= 10x devlog (>= 250k msg/s)", best_pure,
-                    best_pure is not None and best_pure[0] >= 250_000,
-                    "lowest %s msg/s (%s)" % (fmt_rate(best_pure[0]), best_pure[1]) if best_pure else ""))
+    # The devlog's 20-30k msg/s was its 50-producer/50-consumer harness: 10x is 200-300k.
+    pure = rate("devlog50", "ours/pure")
+    others = ", ".join("%s %s" % (s, fmt_rate(rate(s, "ours/pure")))
+                       for s in ("publish", "consume", "pubsub") if rate(s, "ours/pure"))
+    rows.append(row("pure mode >= 10x the devlog's 20-30k msg/s (200-300k; devlog50 scenario)", pure,
+                    pure is not None and pure >= 300_000,
+                    "devlog50 %s msg/s = %.1f-%.1fx the devlog%s" % (
+                        fmt_rate(pure), pure / 30_000, pure / 20_000,
+                        " (pure: %s)" % others if others else "") if pure else ""))
     text = _md(["target (issue 5)", "measured", "verdict"], rows, "lll")
     if quick:
         text += "\n\n(--quick run: counts too small for the verdicts to mean much.)"
@@ -218,7 +219,7 @@ def plot(path: str, results: list[dict]) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib not installed (pip install 'pylogstreams[bench]'); no plot"
+        return "matplotlib not installed (pip install 'pylogstreams[plot]'); no plot"
     scenarios = []
     for r in results:
         if r["scenario"] not in scenarios and not r.get("error") and r.get("series"):
@@ -242,19 +243,24 @@ def plot(path: str, results: list[dict]) -> str | None:
             if len(series) > 1:
                 ts, rates = [], []
                 for (t0, a0), (t1, a1) in zip(series, series[1:]):
-                    if t1 > t0:
+                    if t1 - t0 >= 0.05:   # the last sample can follow the previous closely
                         ts.append(t1)
                         rates.append((a1 - a0) / (t1 - t0))
                 ax_t.plot(ts, rates, label=r["label"])
-        ax_h.set_xscale("log")
+        if not ax_h.get_legend_handles_labels()[0]:
+            ax_h.text(0.5, 0.5, "no latency figure (consuming a backlog)", ha="center",
+                      va="center", transform=ax_h.transAxes)
+        else:
+            ax_h.set_xscale("log")
         ax_h.set_title("%s: latency (%s)" % (s, next((r.get("latency_kind", "") for r in results
                                                      if r["scenario"] == s), "")))
         ax_h.set_xlabel("ms")
         ax_t.set_title("%s: throughput over time" % s)
         ax_t.set_xlabel("s")
         ax_t.set_ylabel("msg/s" if not s.startswith("conn") else "pings/s")
-        ax_h.legend(fontsize=7)
-        ax_t.legend(fontsize=7)
+        for ax in (ax_h, ax_t):
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -273,4 +279,12 @@ def git_describe(repo: str) -> str:
 
 
 def command_line() -> str:
-    return " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
+    """The command as a reader would type it."""
+    prog = sys.argv[0] if sys.argv else "?"
+    if prog.endswith(("__main__.py", "pylogstreams")):
+        head = ["pylogstreams", "bench"]
+        args = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "bench" else sys.argv[1:]
+    else:
+        head = ["python", os.path.relpath(prog)]
+        args = sys.argv[1:]
+    return " ".join(head + args)

@@ -20,7 +20,7 @@ import datetime
 import itertools
 import logging
 import struct
-from typing import AsyncIterator, Iterable
+from typing import AsyncIterator, Callable, Iterable
 
 from ..codec import wire1
 from ..protocol import PROTOCOL_VERSION, From
@@ -142,6 +142,10 @@ class AsyncClient:
         self._proto: _Protocol | None = None
         self._rids = itertools.count(1)           # request ids (0 is "no request")
         self._pending: dict[int, asyncio.Future] = {}   # rid -> reply future
+        # rid -> callback run on its RES as the frame is read, before the
+        # frames behind it (SUB/SEK: MSG frames right after the reply belong
+        # to the new position, and must not be judged by the old one).
+        self._on_reply: dict[int, Callable[[bytes], None]] = {}
         self._subs: dict[int, "Subscription"] = {}      # SUB rid -> subscription
         self._heartbeat: asyncio.TimerHandle | None = None
         self._closing = False
@@ -204,7 +208,9 @@ class AsyncClient:
         if self._closing:
             return
         for sub in list(self._subs.values()):
-            if self.connected:
+            # Only auto_commit subscriptions: with auto_commit=False only
+            # commit() moves the stored offset (at least once).
+            if sub.auto_commit and self.connected:
                 try:
                     await sub._commit_processed(wait=True)
                 except (BrokerError, ConnectionLost):
@@ -236,6 +242,7 @@ class AsyncClient:
         self._schedule_heartbeat()
 
     def _fail_pending(self, exc: Exception) -> None:
+        self._on_reply.clear()
         pending, self._pending = self._pending, {}
         for fut in pending.values():
             if not fut.done():
@@ -246,12 +253,19 @@ class AsyncClient:
             return
         self._connected.clear()
         self._read_paused_by.clear()
-        self._fail_pending(ConnectionLost("connection to %s:%d lost%s" % (
-            self.host, self.port, ": %s" % exc if exc else "")))
+        lost = ConnectionLost("connection to %s:%d lost%s" % (
+            self.host, self.port, ": %s" % exc if exc else ""))
+        self._fail_pending(lost)
         if self._closing:
             return
-        if self.reconnect and self._ever_connected and self._reconnecting is None:
-            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+        if self.reconnect and self._ever_connected:
+            if self._reconnecting is None:
+                self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+            return
+        # No reconnect: the subscriptions end, raising ConnectionLost once their
+        # buffered messages are consumed (instead of waiting forever).
+        for sub in list(self._subs.values()):
+            sub._lost(lost)
 
     async def _reconnect(self) -> None:
         delay = 0.05
@@ -278,13 +292,16 @@ class AsyncClient:
 
     # -- requests ------------------------------------------------------------
 
-    def _send(self, kind: bytes, payload: bytes) -> tuple[int, asyncio.Future]:
+    def _send(self, kind: bytes, payload: bytes,
+              on_reply: Callable[[bytes], None] | None = None) -> tuple[int, asyncio.Future]:
         proto = self._proto
         if proto is None or proto.lost or not self._connected.is_set() and kind != b"HEL":
             raise ConnectionLost("not connected to %s:%d" % (self.host, self.port))
         rid = next(self._rids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
+        if on_reply is not None:
+            self._on_reply[rid] = on_reply
         proto.transport.write(wire1.encode(kind, rid, payload))
         return rid, fut
 
@@ -295,10 +312,11 @@ class AsyncClient:
         proto.transport.write(wire1.encode(kind, rid, payload))
         return await asyncio.wait_for(fut, self.request_timeout)
 
-    async def _call(self, kind: bytes, payload: bytes = b""):
+    async def _call(self, kind: bytes, payload: bytes = b"",
+                    on_reply: Callable[[bytes], None] | None = None):
         if not self.connected and self._reconnecting is not None:
             await asyncio.wait_for(self._connected.wait(), self.connect_timeout)
-        _, fut = self._send(kind, payload)
+        _, fut = self._send(kind, payload, on_reply)
         await self._drain()
         return await asyncio.wait_for(fut, self.request_timeout)
 
@@ -322,6 +340,7 @@ class AsyncClient:
                 code = _U16.unpack_from(payload, 0)[0]
                 text, _ = wire1.read_str(payload, 2)
                 exc = error_for(code, text.decode("utf-8", "replace"))
+                self._on_reply.pop(rid, None)
                 fut = pending.pop(rid, None)
                 if fut is not None and not fut.done():
                     fut.set_exception(exc)
@@ -329,6 +348,9 @@ class AsyncClient:
                     log.warning("broker error: %s", exc)
                 continue
             if kind in (K_RES, K_ACK, K_POG):
+                hook = self._on_reply.pop(rid, None)
+                if hook is not None and kind == K_RES:
+                    hook(payload)
                 fut = pending.pop(rid, None)
                 if fut is not None and not fut.done():
                     fut.set_result(payload)
@@ -457,7 +479,10 @@ class Producer:
         task.add_done_callback(self._in_flight.discard)
 
     async def _send_batch(self, topic: str) -> None:
-        values, futures = self._batches.pop(topic)
+        batch = self._batches.pop(topic, None)
+        if batch is None:
+            return  # a send() filled it and sent it while flush() waited for the window
+        values, futures = batch
         await self._window.acquire()
         try:
             ack = self.client._publish_nowait(topic, values)
@@ -528,19 +553,30 @@ class Subscription:
         self._committed = -1     # last offset committed by us
         self._in_hand = -1       # offset after the last batch yielded, -1 if none in hand
         self._done = False
+        self._error: Exception | None = None  # why it ended, if not closed by us
 
     async def _subscribe(self, mode: int, value: int) -> None:
         payload = wire1.pack_str(self.topic) + _SPEC.pack(mode, value)
-        rid, fut = self.client._send(b"SUB", payload)
+        rid, fut = self.client._send(b"SUB", payload, self._moved)
         self.rid = rid
         self.client._subs[rid] = self
         try:
-            reply = await asyncio.wait_for(fut, self.client.request_timeout)
+            await asyncio.wait_for(fut, self.client.request_timeout)
         except BaseException:
             self.client._subs.pop(rid, None)
             raise
-        start = _U64.unpack(reply)[0]
-        self._next = self._processed = start
+
+    def _moved(self, reply: bytes) -> None:
+        """The broker's RES to our SUB or SEK: delivery continues from its offset.
+
+        Runs as the reply is read: MSG frames before it were for the old
+        position (dropped here), those behind it are for the new one.
+        """
+        offset = _U64.unpack(reply)[0]
+        self._buffer.clear()
+        self._in_hand = -1
+        self._next = self._processed = offset
+        self.client._buffer_drained(self)
 
     async def _resubscribe(self) -> None:
         # Resume at the first message not processed: at-least-once.
@@ -563,6 +599,10 @@ class Subscription:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _lost(self, exc: Exception) -> None:
+        self._error = exc
+        self._closed()
+
     def _closed(self) -> None:
         self._done = True
         waiter = self._waiter
@@ -582,7 +622,9 @@ class Subscription:
         """The buffered messages, at most ``max_messages``; waits for one if none.
 
         Returns ``[]`` when the subscription or client closed, or after
-        ``timeout`` seconds with nothing to return.
+        ``timeout`` seconds with nothing to return. Raises
+        :class:`ConnectionLost` once the buffer is empty if the connection
+        was lost and the client does not reconnect.
         """
         self._mark_processed()
         buf = self._buffer
@@ -598,6 +640,8 @@ class Subscription:
                 finally:
                     self._waiter = None
             if not buf:
+                if self._error is not None:
+                    raise self._error
                 return []
         n = min(max_messages, len(buf))
         out = [buf.popleft() for _ in range(n)]
@@ -641,13 +685,9 @@ class Subscription:
     async def seek(self, start) -> int:
         """Move to ``start`` (see :func:`start_spec`); returns the new offset."""
         mode, value = start_spec(start)
-        reply = await self.client._call(b"SEK", wire1.pack_str(self.topic) + _SPEC.pack(mode, value))
-        offset = _U64.unpack(reply)[0]
-        self._buffer.clear()
-        self._in_hand = -1
-        self._next = self._processed = offset
-        self.client._buffer_drained(self)
-        return offset
+        reply = await self.client._call(b"SEK", wire1.pack_str(self.topic) + _SPEC.pack(mode, value),
+                                        self._moved)
+        return _U64.unpack(reply)[0]
 
     async def close(self) -> None:
         """Commit what was processed (with auto_commit) and unsubscribe."""

@@ -69,9 +69,15 @@ class Broker:
             import ssl
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        # A TLS handshake is read before any Connection exists, so the read
+        # timeout must bound it here (the loop's default is 60 s): a client
+        # that stalls half-way through its ClientHello is a slow client too.
+        tls_options = {"ssl": ssl_context}
+        if ssl_context is not None:
+            tls_options["ssl_handshake_timeout"] = cfg.read_timeout
         self._server = await self.loop.create_server(
             lambda: Connection(self), cfg.host, cfg.port, reuse_address=True, backlog=4096,
-            ssl=ssl_context)
+            **tls_options)
         self.port = self._server.sockets[0].getsockname()[1]
         if cfg.metrics_port is not None:
             from .metrics import MetricsServer

@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 _MAX_CLIENT_ID = 255   # bytes; longer CID arguments are refused
 _MAX_COMPLAINTS = 5    # bad-input warnings logged per connection before going quiet
 _PUMP_BUDGET = 16      # delivery chunks per callback before yielding to other clients
+# Bytes read from one connection before it yields the loop to the others.
+# The loop reads a busy socket many times per iteration (libuv: up to 32
+# reads of 256 kB), and each chunk costs Python work per frame: without a
+# budget one flooding client holds everyone else up for a second or more.
+_READ_BUDGET = 256 * 1024
 _TURN_CHUNKS = 4       # chunks one subscription may send before the next gets a turn
 
 OP_CLOSE = frames.OP_CLOSE
@@ -59,8 +64,10 @@ class Connection(V1Handlers, asyncio.Protocol):
         self.subs: dict[str, Subscription] = {}  # topic name -> subscription
         self.last_seen = 0.0                  # loop.time() of the last bytes received
         self.write_paused = False             # transport above its high-water mark
-        self._read_pauses: set[str] = set()   # why reading is paused: "disk", "replies"
+        self._read_pauses: set[str] = set()   # why reading is paused: "disk", "replies", "burst"
         self._partial_since = 0.0             # loop.time() a partial frame started waiting, or 0
+        self._burst = 0                       # bytes read since this connection last yielded
+        self._burst_handle: asyncio.Handle | None = None  # scheduled end of a yield
         self.closed = False                   # connection_lost has run
         self._pump_handle: asyncio.Handle | None = None   # scheduled delivery callback
         self._ready: dict[Subscription, None] = {}  # subscriptions that may have data, in turn order
@@ -114,6 +121,16 @@ class Connection(V1Handlers, asyncio.Protocol):
             # Replies are waiting on a client that isn't reading them: read
             # no more requests from it until they drain (resume_writing).
             self.pause_reading("replies")
+        self._burst += len(data)
+        if self._burst >= _READ_BUDGET and self._burst_handle is None and not self.closed:
+            # Let the other connections have the loop before reading more.
+            self.pause_reading("burst")
+            self._burst_handle = self.loop.call_soon(self._end_burst)
+
+    def _end_burst(self) -> None:
+        self._burst = 0
+        self._burst_handle = None
+        self.resume_reading("burst")
 
     def _v0_data(self, data: bytes) -> None:
         events = self.reader.feed(data)
@@ -159,6 +176,9 @@ class Connection(V1Handlers, asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._burst_handle is not None:
+            self._burst_handle.cancel()
+            self._burst_handle = None
         self._ready.clear()
         for sub in self.subs.values():
             sub.topic.subscribers.discard(sub)
@@ -186,6 +206,13 @@ class Connection(V1Handlers, asyncio.Protocol):
             self._read_pauses.discard(reason)
             if not self._read_pauses and not self.closed:
                 self.transport.resume_reading()
+                # While we were not reading, the rest of a partial frame
+                # could not arrive: its read timeout starts again now.
+                now = self.loop.time()
+                if self._partial_since:
+                    self._partial_since = now
+                if reason == "disk":
+                    self.last_seen = now  # our backlog, not the client's silence
 
     def is_closing(self) -> bool:
         return self.closed or self.transport.is_closing()
@@ -208,6 +235,7 @@ class Connection(V1Handlers, asyncio.Protocol):
 
     def _on_cid(self, client_id: bytes, b) -> None:
         if len(client_id) > _MAX_CLIENT_ID:
+            self.broker.counters["malformed"] += 1
             self._complain("malformed", "CID longer than %d bytes" % _MAX_CLIENT_ID)
             return
         if client_id != self.client_id:
@@ -238,6 +266,7 @@ class Connection(V1Handlers, asyncio.Protocol):
         except ValueError:
             requested = None
         if requested is None or requested < -1 or requested >= _max:
+            self.broker.counters["malformed"] += 1
             self._complain("malformed", "SET offset %r is not 0, -1 or an offset" % value[:32])
             return
         topic = self._topic(topic_name, "SET")
@@ -334,20 +363,30 @@ class Connection(V1Handlers, asyncio.Protocol):
             return
         cfg = self.broker.config
         now = self.loop.time()
-        if now - self.last_seen >= cfg.heartbeat_timeout:
+        # Time we spend not reading this client is not the client's doing:
+        # no read timeout while reading is paused, and no silence timeout
+        # while the disk backlog paused it. (A client that does not read
+        # its replies still times out as silent: it is not being read.)
+        disk_paused = "disk" in self._read_pauses
+        if not disk_paused and now - self.last_seen >= cfg.heartbeat_timeout:
             self.broker.counters["heartbeat_timeouts"] += 1
             log.info("%s: silent for %.0f s, closing", self.peer, cfg.heartbeat_timeout)
             self.transport.abort()
             return
-        if self._partial_since and now - self._partial_since >= cfg.read_timeout:
+        if (self._partial_since and not self._read_pauses
+                and now - self._partial_since >= cfg.read_timeout):
             self.broker.counters["read_timeouts"] += 1
             log.warning("%s: a frame incomplete for %.0f s (%d bytes held), closing",
                         self.peer, cfg.read_timeout, self.reader.buffered)
             self.transport.abort()
             return
-        deadline = self.last_seen + cfg.heartbeat_timeout
-        if self._partial_since:
-            deadline = min(deadline, self._partial_since + cfg.read_timeout)
+        # At least once per period: a partial frame that starts after this
+        # check must be caught within the read timeout, not the heartbeat's.
+        deadline = now + self._check_period()
+        if not disk_paused:
+            deadline = min(deadline, self.last_seen + cfg.heartbeat_timeout)
+            if self._partial_since and not self._read_pauses:
+                deadline = min(deadline, self._partial_since + cfg.read_timeout)
         self._timer = self.loop.call_at(max(deadline, now + 0.001), self._check_alive)
 
     # -- delivery ------------------------------------------------------------

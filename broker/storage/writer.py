@@ -48,14 +48,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
 import threading
 import time
 from typing import Callable
 
 from ..codec import records
-from . import checkpoint
+from ..histogram import Histogram
 from .fileio import fsync_dir
 from .log import TopicLog
 from .offsets import OffsetStore
@@ -130,6 +129,8 @@ class DiskWriter:
         self._dirty: dict = {}                       # item -> fsync deadline (monotonic)
         self._sync_due = float("inf")                # earliest deadline in _dirty
         self._lazy: set = set()                      # fsync=never topics written (synced at stop)
+        self._offsets_retry: dict = {}               # offsets whose journal write failed
+        self.fsync_histogram = Histogram()           # fsync durations (s), for /metrics
         self._changed = False                        # written since the last checkpoint
         self._last_checkpoint = time.monotonic()
         self._clean_stop = True                      # close(): sync and write a clean checkpoint
@@ -263,7 +264,7 @@ class DiskWriter:
         data_received, every producer woken by an acknowledgement) joins
         the same job: under fsync=always, the same fsync.
         """
-        if self._kick_handle is None:
+        if self._kick_handle is None and not self._in_flight:  # _done kicks otherwise
             self._kick_handle = self._loop.call_soon(self._kick)
 
     def _kick(self) -> None:
@@ -457,22 +458,30 @@ class DiskWriter:
                 self._mark_dirty(topic, topic.config.fsync_interval_ms / 1000.0)
             else:
                 self._lazy.add(topic)
-        if job.offsets:
+        offsets = job.offsets
+        if self._offsets_retry:  # a failed write (ENOSPC...) goes again with this job
+            offsets = {**self._offsets_retry, **offsets}
+        if offsets:
             try:
-                self._offsets.write(job.offsets)
+                self._offsets.write(offsets)
+                self._offsets_retry = {}
                 if self._fsync == "always":
                     synced_now.append((self._offsets, None, 0))
                 elif self._fsync == "interval":
                     self._mark_dirty(self._offsets, self._interval)
-            except OSError:
-                log.exception("could not persist consumer offsets")
+            except OSError as exc:
+                self._offsets_retry = offsets
+                log.error("could not persist consumer offsets (retried with the next "
+                          "write): %s", exc)
         for topic, result, count in synced_now:  # group commit: one fsync per topic per job
             try:
+                started = time.perf_counter()
                 if result is None:
                     topic.fsync()  # the offsets journal
                 else:
                     topic.active.fsync()
                     topic.note_synced()
+                self.fsync_histogram.observe(time.perf_counter() - started)
                 stats["fsyncs"] += 1
             except OSError as exc:
                 stats["fsync_errors"] += 1
@@ -515,11 +524,13 @@ class DiskWriter:
             self._lazy = set()
         for item in items:
             try:
+                started = time.perf_counter()
                 if isinstance(item, TopicLog):
                     item.active.fsync()
                     item.note_synced()
                 else:
                     item.fsync()
+                self.fsync_histogram.observe(time.perf_counter() - started)
                 self.stats["fsyncs"] += 1
             except OSError as exc:
                 # Already acknowledged: all we can do is say so loudly.
@@ -558,6 +569,11 @@ class DiskWriter:
 
     def _stop_work(self) -> None:
         """Clean shutdown: fsync everything, then the clean checkpoint."""
+        if self._offsets_retry:
+            try:
+                self._offsets.write(self._offsets_retry)
+            except OSError as exc:
+                log.error("consumer offsets not persisted at shutdown: %s", exc)
         self._sync(everything=True)
         try:
             self._offsets.fsync()

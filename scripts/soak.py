@@ -1,0 +1,579 @@
+#!/usr/bin/env python
+"""Soak: mixed load with random client kills and broker restarts, for N minutes.
+
+    python scripts/soak.py --minutes 30
+    python scripts/soak.py --minutes 3 --impl alternate --json
+
+What runs, all against one data dir and one port:
+
+- v1 producers (the ``broker.Client`` library) publishing acknowledged
+  batches to four topics, and v0 producers (raw sockets, the prototype's
+  protocol) to a fifth;
+- v1 consumers committing what they processed (``auto_commit=False``),
+  and v0 consumers;
+- every client session ends at a random moment, half the time abruptly
+  (the socket reset, no goodbye), and a new one starts;
+- the broker is restarted every ``--restart-every`` seconds (randomised),
+  alternately by SIGTERM (it must exit 0) and SIGKILL; with
+  ``--impl alternate`` each restart switches between the Cython and the
+  pure-Python codec on the same data dir.
+
+Checked after every restart and at the end: every acknowledged message is
+in its topic exactly once, at the offset its ACK named, with a valid CRC
+(records are read back through a fresh connection, CRCs checked), offsets
+are contiguous, nothing is stored that no producer sent, each producer's
+messages are in publish order; no v1 consumer's committed offset is ahead
+of what it processed; every v1 consumer saw offsets in order without gaps
+within a connection. The broker's RSS is sampled every second: the report
+gives it per broker run (after a 3 s warm-up, the maximum, and the last),
+and the run fails if it exceeds ``--max-rss-mb`` or grows by more than
+``--max-rss-growth-mb`` within one broker run.
+
+Prints a JSON summary (``--json``) or a table; exits 1 if a check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import zlib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "tests"), str(REPO)]
+
+from v1support import OLDEST, V1Conn, parse_msg  # noqa: E402
+
+V1_TOPICS = ["soak.v1.%d" % i for i in range(4)]
+V0_TOPIC = "soak.v0"
+
+
+class Failure(Exception):
+    """A soak check failed."""
+
+
+# -- the broker process --------------------------------------------------------
+
+class BrokerProc:
+    def __init__(self, data_dir: str, port: int, impl: str, log_dir: str, extra: list[str]) -> None:
+        self.data_dir, self.port, self.impl, self.log_dir, self.extra = data_dir, port, impl, log_dir, extra
+        self.proc: subprocess.Popen | None = None
+        self.runs = 0
+        self.current_impl = "c" if impl != "py" else "py"
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env.pop("PYLOGSTREAMS_NO_EXTENSIONS", None)
+        if self.impl == "alternate":
+            self.current_impl = "c" if self.runs % 2 == 0 else "py"
+        if self.current_impl == "py":
+            env["PYLOGSTREAMS_NO_EXTENSIONS"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+        self.runs += 1
+        log = open(os.path.join(self.log_dir, "broker-run%03d.log" % self.runs), "wb")
+        deadline = time.monotonic() + 30
+        while True:  # the port may still be in TIME_WAIT use after a kill
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "broker", "serve", "--host", "127.0.0.1", "--port",
+                 str(self.port), "--data-dir", self.data_dir, *self.extra],
+                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env)
+            line = self.proc.stdout.readline().decode()
+            if line.startswith("pylogstreams serving on"):
+                want = "codec=%s" % ("cython" if self.current_impl == "c" else "python")
+                if want not in line:
+                    raise Failure("broker started with the wrong codec: %r" % line)
+                break
+            self.proc.wait(10)
+            if time.monotonic() > deadline:
+                raise Failure("broker did not start (see %s)" % log.name)
+            time.sleep(0.2)
+        log.close()
+
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, graceful: bool) -> None:
+        if graceful:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                rc = self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                raise Failure("broker did not stop within 60 s of SIGTERM")
+            if rc != 0:
+                raise Failure("broker exited %d after SIGTERM" % rc)
+        else:
+            self.proc.kill()
+            self.proc.wait(30)
+        self.proc.stdout.close()
+
+    def kill_quietly(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+def rss_kb(pid: int) -> int | None:
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+# -- load -------------------------------------------------------------------------
+
+class Shared:
+    """Bookkeeping shared by the workers (one lock: the load is modest)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.acked: dict[str, dict[bytes, int]] = {t: {} for t in V1_TOPICS}
+        self.sent: dict[str, set] = {t: set() for t in V1_TOPICS + [V0_TOPIC]}
+        self.processed: dict[tuple[str, str], int] = {}   # (client id, topic) -> processed up to
+        self.counts = {"sessions": 0, "abrupt_ends": 0, "acked": 0, "v0_sent": 0,
+                       "v1_consumed": 0, "v0_consumed": 0, "connect_failures": 0}
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+
+    def error(self, text: str) -> None:
+        with self.lock:
+            self.errors.append(text)
+
+
+def _abort(client) -> None:
+    """End a library client's connection abruptly (RST), as a crashed process would."""
+    proto = client._aclient._proto
+    if proto is not None and proto.transport is not None:
+        def kill():
+            sock = proto.transport.get_extra_info("socket")
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except (OSError, AttributeError):
+                pass
+            proto.transport.abort()
+        client._lt.loop.call_soon_threadsafe(kill)
+    client._lt.stop()
+
+
+def v1_producer(sh: Shared, port: int, topic: str, name: str, rng: random.Random) -> None:
+    from broker import Client
+    from broker.client.errors import PyLogStreamsError
+    seq = 0
+    while not sh.stop.is_set():
+        try:
+            client = Client("127.0.0.1", port, client_id=name, reconnect=False, connect_timeout=5,
+                            request_timeout=30)
+        except PyLogStreamsError:
+            sh.counts["connect_failures"] += 1
+            time.sleep(0.2)
+            continue
+        with sh.lock:
+            sh.counts["sessions"] += 1
+        end = time.monotonic() + rng.uniform(0.5, 8)
+        abrupt = rng.random() < 0.5
+        try:
+            while time.monotonic() < end and not sh.stop.is_set():
+                batch = []
+                for _ in range(rng.randrange(1, 50)):
+                    seq += 1
+                    batch.append(b"%s:%09d:%s" % (name.encode(), seq, b"s" * rng.randrange(0, 200)))
+                with sh.lock:
+                    sh.sent[topic].update(batch)
+                base = client.publish_batch(topic, batch)
+                with sh.lock:
+                    for i, m in enumerate(batch):
+                        sh.acked[topic][m] = base + i
+                    sh.counts["acked"] += len(batch)
+                time.sleep(rng.uniform(0, 0.02))
+        except PyLogStreamsError:
+            abrupt = False  # the broker went away
+        except Exception:  # noqa: BLE001
+            sh.error("producer %s: %s" % (name, traceback.format_exc(limit=3)))
+        if abrupt:
+            with sh.lock:
+                sh.counts["abrupt_ends"] += 1
+            _abort(client)
+        else:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - closing a dead connection
+                pass
+
+
+def v1_consumer(sh: Shared, port: int, topic: str, name: str, rng: random.Random) -> None:
+    from broker import Client
+    from broker.client.errors import PyLogStreamsError
+    while not sh.stop.is_set():
+        try:
+            client = Client("127.0.0.1", port, client_id=name, reconnect=False, connect_timeout=5,
+                            request_timeout=30)
+            sub = client.subscribe(topic, "committed", auto_commit=False)
+        except PyLogStreamsError:
+            sh.counts["connect_failures"] += 1
+            time.sleep(0.2)
+            continue
+        with sh.lock:
+            sh.counts["sessions"] += 1
+        end = time.monotonic() + rng.uniform(0.5, 8)
+        abrupt = rng.random() < 0.5
+        nxt = None
+        try:
+            while time.monotonic() < end and not sh.stop.is_set():
+                batch = sub.poll(timeout=0.5, max_messages=500)
+                for m in batch:
+                    if nxt is not None and m.offset != nxt:
+                        sh.error("consumer %s on %s: offset %d after %d (gap or disorder)"
+                                 % (name, topic, m.offset, nxt - 1))
+                    nxt = m.offset + 1
+                if batch:
+                    with sh.lock:
+                        sh.counts["v1_consumed"] += len(batch)
+                    if rng.random() < 0.5:
+                        key = (name, topic)
+                        with sh.lock:  # recorded before the commit is sent
+                            sh.processed[key] = max(sh.processed.get(key, 0), nxt)
+                        sub.commit(nxt)
+        except PyLogStreamsError:
+            abrupt = False
+        except Exception:  # noqa: BLE001
+            sh.error("consumer %s: %s" % (name, traceback.format_exc(limit=3)))
+        if abrupt:
+            with sh.lock:
+                sh.counts["abrupt_ends"] += 1
+            _abort(client)
+        else:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def _v0_frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def _rst_close(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+def v0_producer(sh: Shared, port: int, name: str, rng: random.Random) -> None:
+    seq = 0
+    topic = V0_TOPIC.encode()
+    while not sh.stop.is_set():
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(_v0_frame(b"CID " + name.encode()))
+        except OSError:
+            sh.counts["connect_failures"] += 1
+            time.sleep(0.2)
+            continue
+        with sh.lock:
+            sh.counts["sessions"] += 1
+        end = time.monotonic() + rng.uniform(0.5, 5)
+        abrupt = rng.random() < 0.5
+        try:
+            while time.monotonic() < end and not sh.stop.is_set():
+                frames = []
+                msgs = []
+                for _ in range(rng.randrange(1, 30)):
+                    seq += 1
+                    m = b"%s:%09d:%s" % (name.encode(), seq, b"v" * rng.randrange(0, 100))
+                    msgs.append(m)
+                    body = b"PUB " + topic + b" " + m
+                    frames.append(_v0_frame(body) + struct.pack(">I", zlib.crc32(m)))
+                with sh.lock:
+                    sh.sent[V0_TOPIC].update(msgs)
+                sock.sendall(b"".join(frames))
+                with sh.lock:
+                    sh.counts["v0_sent"] += len(msgs)
+                time.sleep(rng.uniform(0, 0.03))
+        except OSError:
+            abrupt = True
+        if abrupt:
+            with sh.lock:
+                sh.counts["abrupt_ends"] += 1
+            _rst_close(sock)
+        else:
+            try:
+                sock.sendall(b"\x00\x00\x00\x00")
+            except OSError:
+                pass
+            sock.close()
+
+
+def v0_consumer(sh: Shared, port: int, name: str, rng: random.Random, seen: list) -> None:
+    topic = V0_TOPIC.encode()
+    while not sh.stop.is_set():
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(_v0_frame(b"CID " + name.encode()) + _v0_frame(b"SUB " + topic))
+        except OSError:
+            sh.counts["connect_failures"] += 1
+            time.sleep(0.2)
+            continue
+        with sh.lock:
+            sh.counts["sessions"] += 1
+        run: list[bytes] = []
+        seen.append(run)
+        end = time.monotonic() + rng.uniform(0.5, 5)
+        buf = bytearray()
+        sock.settimeout(0.3)
+        try:
+            while time.monotonic() < end and not sh.stop.is_set():
+                try:
+                    data = sock.recv(1 << 16)
+                except socket.timeout:
+                    continue
+                if not data:
+                    break
+                buf += data
+                while len(buf) >= 4:
+                    n = struct.unpack_from(">I", buf)[0]
+                    if len(buf) < 4 + n:
+                        break
+                    body = bytes(buf[4:4 + n])
+                    del buf[:4 + n]
+                    if not body.startswith(topic + b" "):
+                        sh.error("v0 consumer got a frame for another topic: %r" % body[:60])
+                        continue
+                    run.append(body[len(topic) + 1:])
+                    with sh.lock:
+                        sh.counts["v0_consumed"] += 1
+        except OSError:
+            pass
+        _rst_close(sock) if rng.random() < 0.5 else sock.close()
+
+
+# -- verification -------------------------------------------------------------------
+
+def read_log(port: int, topic: str) -> list[tuple[int, bytes]]:
+    with V1Conn(port, timeout=60) as c:
+        c.hello()
+        info = {t["topic"]: t for t in c.json(b"TOP")}.get(topic)
+        if info is None or info["next_offset"] == info["first_offset"]:
+            return []
+        n = info["next_offset"] - info["first_offset"]
+        rid, start = c.subscribe(topic, OLDEST)
+        out: list[tuple[int, bytes]] = []
+        deadline = time.monotonic() + 300
+        while len(out) < n:
+            k, r, p = c.read_frame(max(0.001, deadline - time.monotonic()))
+            if (k, r) != (b"MSG", rid):
+                raise Failure("unexpected frame %r while reading %s" % (k, topic))
+            _t, recs = parse_msg(p)  # CRC of every record checked
+            out.extend((off, value) for off, _ts, value in recs)
+        return out
+
+
+def verify(sh: Shared, port: int) -> int:
+    """All the stored-data checks; returns the number of stored messages checked."""
+    checked = 0
+    # Snapshots in an order that makes them comparable while the load runs:
+    # what was acknowledged before reading must be in the log; what was
+    # sent after reading includes all that is in it; processed offsets
+    # read after the committed ones bound them.
+    with sh.lock:
+        acked = {t: dict(a) for t, a in sh.acked.items()}
+    logs = {topic: read_log(port, topic) for topic in V1_TOPICS + [V0_TOPIC]}
+    with V1Conn(port) as c:
+        c.hello()
+        committed = {(o["client_id"], o["topic"]): o["offset"] for o in c.json(b"OFS", b"\x00\x00")}
+    with sh.lock:
+        sent = {t: set(s) for t, s in sh.sent.items()}
+        processed = dict(sh.processed)
+    for topic, stored in logs.items():
+        checked += len(stored)
+        if [o for o, _ in stored] != list(range(len(stored))):
+            raise Failure("%s: offsets not contiguous from 0" % topic)
+        where: dict[bytes, int] = {}
+        last_seq: dict[bytes, int] = {}
+        for off, value in stored:
+            if value in where:
+                raise Failure("%s: %r stored twice (offsets %d and %d)"
+                              % (topic, value[:40], where[value], off))
+            if value not in sent[topic]:
+                raise Failure("%s: %r at %d was never sent" % (topic, value[:40], off))
+            where[value] = off
+            name, seq, _ = value.split(b":", 2)
+            if int(seq) <= last_seq.get(name, 0):
+                raise Failure("%s: %s's messages out of publish order at %d" % (topic, name, off))
+            last_seq[name] = int(seq)
+        for m, off in acked.get(topic, {}).items():
+            if where.get(m) != off:
+                raise Failure("%s: acknowledged %r (offset %d) is %s" % (
+                    topic, m[:40], off, "missing" if m not in where else "at %d" % where[m]))
+    for key, upto in processed.items():
+        if committed.get(key, 0) > upto:
+            raise Failure("consumer %s on %s: committed %d is ahead of processed %d"
+                          % (key[0], key[1], committed[key], upto))
+    return checked
+
+
+# -- main ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args) -> dict:
+    rng = random.Random(args.seed)
+    duration = args.minutes * 60
+    restart_every = args.restart_every or max(10.0, duration / 6)
+    work = args.data_dir or tempfile.mkdtemp(prefix="pls-soak-")
+    data_dir = os.path.join(work, "data")
+    log_dir = os.path.join(work, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    port = free_port()
+    broker = BrokerProc(data_dir, port, args.impl, log_dir, args.broker_arg)
+    sh = Shared()
+    report: dict = {"minutes": args.minutes, "seed": args.seed, "impl": args.impl,
+                    "work_dir": work, "restarts": {"graceful": 0, "kill9": 0}, "rss_kb": [],
+                    "verifications": 0, "messages_checked": 0}
+    broker.start()
+    threads = []
+    v0_runs: list[list[bytes]] = []
+    for i, topic in enumerate(V1_TOPICS):
+        threads.append(threading.Thread(target=v1_producer, daemon=True, args=(
+            sh, port, topic, "prod%d" % i, random.Random(rng.random()))))
+        threads.append(threading.Thread(target=v1_consumer, daemon=True, args=(
+            sh, port, topic, "cons%d" % i, random.Random(rng.random()))))
+    threads.append(threading.Thread(target=v0_producer, daemon=True, args=(
+        sh, port, "v0prod", random.Random(rng.random()))))
+    threads.append(threading.Thread(target=v0_consumer, daemon=True, args=(
+        sh, port, "v0cons", random.Random(rng.random()), v0_runs)))
+    for t in threads:
+        t.start()
+    start = time.monotonic()
+    end = start + duration
+    graceful_next = True
+    try:
+        _load_loop(args, rng, sh, broker, port, report, end, restart_every)
+    except Failure as exc:
+        sh.errors.append(str(exc))
+    finally:
+        sh.stop.set()
+        for t in threads:
+            t.join(60)
+    return _finish(args, sh, broker, port, report, start, work, v0_runs)
+
+
+def _load_loop(args, rng, sh, broker, port, report, end, restart_every) -> None:
+    graceful_next = True
+    if True:
+        while time.monotonic() < end and not sh.errors:
+            run_start = time.monotonic()
+            run_end = min(end, run_start + rng.uniform(restart_every * 0.6, restart_every * 1.4))
+            samples = []
+            while time.monotonic() < run_end and not sh.errors:
+                time.sleep(1.0)
+                rss = rss_kb(broker.pid())
+                if rss is not None:
+                    samples.append((round(time.monotonic() - run_start, 1), rss))
+            warm = [r for t, r in samples if t >= 3.0] or [r for _, r in samples]
+            if warm:
+                report["rss_kb"].append({"run": broker.runs, "codec": broker.current_impl,
+                                         "seconds": round(time.monotonic() - run_start, 1),
+                                         "after_warmup": warm[0], "max": max(warm),
+                                         "last": warm[-1]})
+            if time.monotonic() >= end or sh.errors:
+                break
+            broker.stop(graceful=graceful_next)
+            report["restarts"]["graceful" if graceful_next else "kill9"] += 1
+            graceful_next = not graceful_next
+            broker.start()
+            report["messages_checked"] += verify(sh, port)
+            report["verifications"] += 1
+
+
+def _finish(args, sh, broker, port, report, start, work, v0_runs) -> dict:
+    try:
+        if not sh.errors:
+            time.sleep(0.5)
+            report["messages_checked"] += verify(sh, port)
+            report["verifications"] += 1
+            # v0 consumer runs: each in log order, all of them stored messages.
+            order = {v: i for i, (_o, v) in enumerate(read_log(port, V0_TOPIC))}
+            for run_ in v0_runs:
+                idx = [order.get(v) for v in run_]
+                if None in idx:
+                    raise Failure("a v0 consumer received a message that is not in the log")
+                if idx != sorted(idx):
+                    raise Failure("a v0 consumer received messages out of log order")
+        broker.stop(graceful=True)
+    except Failure as exc:
+        sh.errors.append(str(exc))
+    finally:
+        broker.kill_quietly()
+    report["elapsed_s"] = round(time.monotonic() - start, 1)
+    report["counts"] = dict(sh.counts)
+    report["acked_messages"] = sum(len(a) for a in sh.acked.values())
+    report["broker_runs"] = broker.runs
+    rss = report["rss_kb"]
+    if rss:
+        report["rss_first_after_warmup_kb"] = rss[0]["after_warmup"]
+        report["rss_last_kb"] = rss[-1]["last"]
+        report["rss_max_kb"] = max(r["max"] for r in rss)
+        for r in rss:
+            if r["max"] > args.max_rss_mb * 1024:
+                sh.errors.append("broker RSS %d kB in run %d exceeds %d MB"
+                                 % (r["max"], r["run"], args.max_rss_mb))
+            if r["last"] - r["after_warmup"] > args.max_rss_growth_mb * 1024:
+                sh.errors.append("broker RSS grew %d kB within run %d"
+                                 % (r["last"] - r["after_warmup"], r["run"]))
+    report["errors"] = sh.errors
+    report["ok"] = not sh.errors
+    if report["ok"] and not args.keep and not args.data_dir:
+        import shutil
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--impl", choices=("c", "py", "alternate"), default="alternate",
+                    help="codec of the broker; alternate: switch at every restart")
+    ap.add_argument("--seed", type=int, default=int(time.time()))
+    ap.add_argument("--restart-every", type=float, default=None,
+                    help="mean seconds between broker restarts (default: run/6, at least 10)")
+    ap.add_argument("--max-rss-mb", type=float, default=512)
+    ap.add_argument("--max-rss-growth-mb", type=float, default=128)
+    ap.add_argument("--data-dir", default=None, help="work directory (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    ap.add_argument("--broker-arg", action="append", default=[],
+                    help="extra argument for 'serve' (repeatable), e.g. --broker-arg=--fsync=always")
+    args = ap.parse_args()
+    report = run(args)
+    if args.json:
+        print(json.dumps(report), flush=True)
+    else:
+        for k, v in report.items():
+            print("%-28s %s" % (k, v))
+    sys.exit(0 if report["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""Faults under load: kill -9, simulated power loss, reconnect storms, a stalled disk.
+
+- ``test_kill9_rounds``: 20 rounds per implementation of mixed v1 load
+  (producers publishing batches and recording every ACK, consumers
+  committing what they processed) cut by a SIGKILL at a random moment.
+  After every restart: every acknowledged message is in its topic exactly
+  once, at the offset its ACK named, in publish order, with a valid CRC;
+  offsets are contiguous; no consumer's committed offset is past what it
+  had processed.
+- ``test_power_loss_under_fsync_always``: the broker runs with a recorder
+  around ``os.fsync`` (``tests/reliability.py``); after a SIGKILL the data
+  dir is cut back to what the recorded fsyncs made durable (file sizes at
+  their last fsync; directory entries as of their directory's last fsync;
+  never-fsynced files emptied or removed), then the same checks run.
+- ``test_reconnect_storm``: 1,000 library clients connected; the broker is
+  killed and restarted on the same port; all 1,000 reconnect at once, are
+  served, and publish.
+- ``test_stalled_disk_does_not_time_out_paused_producers``: a producer the
+  broker paused for disk back-pressure is not closed as silent or slow
+  (read timeout, heartbeat) while the broker itself is not reading it.
+
+Disk full is covered by the storage tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import struct
+import threading
+import time
+import uuid
+import zlib
+
+import pytest
+
+from reliability import read_fsync_log, read_topic, simulate_power_loss, start_server, stop_quietly
+from v1support import V1Conn, frame, hel, pub
+
+pytestmark = pytest.mark.integration
+
+HOST = "127.0.0.1"
+
+
+# -- load ---------------------------------------------------------------------------
+
+class Producer(threading.Thread):
+    """Publishes numbered batches on a raw v1 connection and records every ACK.
+
+    Messages are ``<producer>:<seq>:<filler>``; ``acked`` maps each acked
+    message to the offset its ACK implies. Waits for each ACK before the
+    next batch (so ACKs are never ambiguous), until the connection dies.
+    """
+
+    def __init__(self, port: int, topic: str, name: str, rng: random.Random) -> None:
+        super().__init__(daemon=True)
+        self.port, self.topic, self.name, self.rng = port, topic, name, rng
+        self.seq = 0
+        self.acked: dict[bytes, int] = {}
+        self.sent: set[bytes] = set()
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+
+    def message(self) -> bytes:
+        self.seq += 1
+        return b"%s:%07d:%s" % (self.name.encode(), self.seq, b"x" * self.rng.randrange(0, 300))
+
+    def run(self) -> None:
+        try:
+            conn = V1Conn(self.port, timeout=5)
+            conn.hello()
+        except (OSError, AssertionError, Exception):
+            return
+        try:
+            while not self.stop.is_set():
+                batch = [self.message() for _ in range(self.rng.randrange(1, 30))]
+                self.sent.update(batch)
+                try:
+                    base, count = conn.publish(self.topic, batch)
+                except Exception:  # noqa: BLE001 - the broker was killed mid-request
+                    return
+                if count != len(batch):
+                    self.error = AssertionError("ACK count %d for %d" % (count, len(batch)))
+                    return
+                for i, m in enumerate(batch):
+                    self.acked[m] = base + i
+        finally:
+            conn.close()
+
+
+class Consumer(threading.Thread):
+    """Consumes from the committed offset, checks order, commits what it processed.
+
+    ``processed`` is the highest offset + 1 it has processed and asked to
+    commit; the broker must never store more than that for this client.
+    """
+
+    def __init__(self, port: int, topic: str, client_id: str, rng: random.Random) -> None:
+        super().__init__(daemon=True)
+        self.port, self.topic, self.client_id, self.rng = port, topic, client_id, rng
+        self.processed = 0
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        from v1support import COMMITTED, cmt, parse_msg
+        try:
+            conn = V1Conn(self.port, timeout=5)
+            conn.hello(self.client_id)
+            rid, start = conn.subscribe(self.topic, COMMITTED)
+        except Exception:  # noqa: BLE001
+            return
+        nxt = start
+        try:
+            while not self.stop.is_set():
+                try:
+                    k, r, p = conn.read_frame(0.5)
+                except socket.timeout:
+                    continue
+                except Exception:  # noqa: BLE001 - killed
+                    return
+                if k != b"MSG":
+                    continue  # a CMT's RES
+                _t, recs = parse_msg(p)  # checks each record's CRC
+                for off, _ts, _v in recs:
+                    if off != nxt:
+                        self.error = AssertionError("consumer expected %d, got %d" % (nxt, off))
+                        return
+                    nxt += 1
+                if self.rng.random() < 0.5:
+                    # Processed up to nxt: commit it (recorded before it is sent).
+                    self.processed = max(self.processed, nxt)
+                    try:
+                        conn.send(b"CMT", cmt(self.topic, nxt))
+                    except OSError:
+                        return
+        finally:
+            conn.close()
+
+
+def committed_offsets(port: int) -> dict[tuple[str, str], int]:
+    with V1Conn(port) as c:
+        c.hello()
+        return {(o["client_id"], o["topic"]): o["offset"] for o in c.json(b"OFS", b"\x00\x00")}
+
+
+class Ledger:
+    """What the test knows about every topic: acked messages, consumers' progress."""
+
+    def __init__(self) -> None:
+        self.acked: dict[str, dict[bytes, int]] = {}     # topic -> message -> offset
+        self.sent: dict[str, set] = {}                   # topic -> every message sent
+        self.processed: dict[tuple[str, str], int] = {}  # (client, topic) -> processed up to
+        self.checked = 0                                 # messages checked, all rounds
+
+    def add(self, producers, consumers) -> None:
+        for p in producers:
+            self.acked.setdefault(p.topic, {}).update(p.acked)
+            self.sent.setdefault(p.topic, set()).update(p.sent)
+            assert p.error is None, p.error
+        for c in consumers:
+            assert c.error is None, c.error
+            key = (c.client_id, c.topic)
+            self.processed[key] = max(self.processed.get(key, 0), c.processed)
+
+    def verify(self, port: int, only=None) -> None:
+        for topic, acked in self.acked.items():
+            if only is not None and topic not in only:
+                continue
+            stored = read_topic(port, topic)
+            offsets = [off for off, _ in stored]
+            assert offsets == list(range(len(stored))), "%s: offsets not contiguous" % topic
+            where: dict[bytes, int] = {}
+            for off, value in stored:
+                assert value not in where, "%s: %r stored twice" % (topic, value[:30])
+                assert value in self.sent[topic], "%s: %r was never sent" % (topic, value[:30])
+                where[value] = off
+            for m, off in acked.items():
+                assert where.get(m) == off, (
+                    "%s: acknowledged message %r (ACK said offset %d) is %s"
+                    % (topic, m[:30], off, "missing" if m not in where else "at %d" % where[m]))
+            # Per producer, messages are stored in publish order.
+            by_producer: dict[bytes, list] = {}
+            for off, value in stored:
+                name, seq, _ = value.split(b":", 2)
+                by_producer.setdefault(name, []).append(int(seq))
+            for name, seqs in by_producer.items():
+                assert seqs == sorted(seqs), "%s: producer %s out of order" % (topic, name)
+            self.checked += len(stored)
+        stored_offsets = committed_offsets(port)
+        for key, processed in self.processed.items():
+            if only is not None and key[1] not in only:
+                continue
+            committed = stored_offsets.get(key, 0)
+            assert committed <= processed, (
+                "consumer %s on %s: committed offset %d is ahead of what it processed (%d)"
+                % (key[0], key[1], committed, processed))
+
+
+def run_load(port: int, seconds: float, rng: random.Random, ledger_topics: list[str],
+             clients: list[str], kill) -> tuple[list, list]:
+    producers = [Producer(port, t, "p%d-%s" % (i, uuid.uuid4().hex[:6]), random.Random(rng.random()))
+                 for i, t in enumerate(ledger_topics)]
+    consumers = [Consumer(port, t, c, random.Random(rng.random()))
+                 for t, c in zip(ledger_topics, clients)]
+    for th in producers + consumers:
+        th.start()
+    time.sleep(seconds)
+    kill()
+    for th in producers + consumers:
+        th.stop.set()
+    for th in producers + consumers:
+        th.join(15)
+        assert not th.is_alive(), "a load thread did not stop"
+    return producers, consumers
+
+
+# -- kill -9 --------------------------------------------------------------------------
+
+KILL_ROUNDS = 20
+
+
+def test_kill9_rounds(server):
+    """20 rounds: mixed acked publishing and committing consumers, SIGKILL at a random moment.
+
+    Each round loads two fresh topics (so the check after each restart
+    stays short); every topic of every round is checked again at the end,
+    after all the later crashes and recoveries.
+    """
+    rng = random.Random(20261127)
+    srv = server()
+    ledger = Ledger()
+    acked_total = 0
+    for rnd in range(KILL_ROUNDS):
+        topics = ["k9-%02d-a" % rnd, "k9-%02d-b" % rnd]
+        clients = ["k9-consumer-%02d-a" % rnd, "k9-consumer-%02d-b" % rnd]
+        producers, consumers = run_load(srv.port, rng.uniform(0.03, 0.25), rng, topics, clients,
+                                        srv.kill)
+        ledger.add(producers, consumers)
+        acked_total += sum(len(p.acked) for p in producers)
+        srv.start()
+        ledger.verify(srv.port, only=topics)
+    ledger.verify(srv.port)
+    assert acked_total > 1000, "too little load to prove anything (%d acked)" % acked_total
+    print("\nkill -9: %d rounds survived, %d acknowledged messages, %d stored messages checked"
+          % (KILL_ROUNDS, acked_total, ledger.checked))
+
+
+# -- power loss ----------------------------------------------------------------------
+
+POWER_ROUNDS = 4
+
+
+def test_power_loss_under_fsync_always(server, tmp_path):
+    """kill -9, then cut the data dir back to the last fsyncs: acked data survives."""
+    import sys
+    from pathlib import Path
+    rng = random.Random(4242)
+    fsync_log = str(tmp_path / "fsyncs.jsonl")
+    srv = server("--fsync", "always", start=False)
+    srv.command = [sys.executable, str(Path(__file__).with_name("reliability.py")),
+                   "serve-recording-fsyncs", fsync_log]
+    srv.start()
+    ledger = Ledger()
+    cut_total = {"truncated_files": 0, "bytes_cut": 0, "removed_entries": 0, "emptied_files": 0}
+    acked_total = 0
+    for rnd in range(POWER_ROUNDS):
+        # Half the rounds reuse the first round's topics (recovery of a log
+        # cut back more than once), half use fresh ones.
+        tag = rnd if rnd % 2 else 0
+        topics = ["pl-%02d-a" % tag, "pl-%02d-b" % tag]
+        clients = ["pl-consumer-%02d-a" % tag, "pl-consumer-%02d-b" % tag]
+        producers, consumers = run_load(srv.port, rng.uniform(0.1, 0.4), rng, topics, clients,
+                                        srv.kill)
+        ledger.add(producers, consumers)
+        acked_total += sum(len(p.acked) for p in producers)
+        cut = simulate_power_loss(srv.data_dir, fsync_log, drop_unsynced_files=bool(rnd % 2))
+        for k, v in cut.items():
+            cut_total[k] += v
+        srv.start()
+        ledger.verify(srv.port, only=topics)
+    ledger.verify(srv.port)
+    files, _dirs = read_fsync_log(fsync_log)
+    assert files, "the recorder saw no fsync: the hook is not in place"
+    assert acked_total > 200, acked_total
+    # The simulation must have thrown something away, or it proved nothing.
+    assert cut_total["bytes_cut"] > 0, cut_total
+    print("\npower loss: %d rounds, %d acknowledged messages survived, cut %r"
+          % (POWER_ROUNDS, acked_total, cut_total))
+
+
+# -- reconnect storm ------------------------------------------------------------------
+
+STORM = 1000
+
+
+def test_reconnect_storm(server):
+    """1,000 clients connected; the broker dies and comes back; all reconnect at once."""
+    srv = server()
+    port = srv.port
+
+    async def main():
+        from broker import AsyncClient
+        clients = [AsyncClient(HOST, port, client_id="storm-%d" % i, heartbeat=0,
+                               connect_timeout=30, request_timeout=60) for i in range(STORM)]
+        await asyncio.wait_for(asyncio.gather(*(c.connect() for c in clients)), 60)
+        first = await asyncio.wait_for(
+            asyncio.gather(*(c.publish("storm", b"before %d" % i) for i, c in enumerate(clients))),
+            60)
+        assert sorted(first) == list(range(STORM))
+        # Blocking, on this (the main) thread on purpose: the broker gets
+        # SIGKILL when the thread that started it ends (PR_SET_PDEATHSIG).
+        old = [c._proto for c in clients]
+        srv.kill()
+        srv.start(port=port)
+        t0 = time.monotonic()
+        # Every client must notice the loss and come back on a new connection.
+        while not all(c._proto is not o and c.connected for c, o in zip(clients, old)):
+            assert time.monotonic() - t0 < 60, "%d of %d clients reconnected" % (
+                sum(c._proto is not o and c.connected for c, o in zip(clients, old)), STORM)
+            await asyncio.sleep(0.01)
+        took = time.monotonic() - t0
+        second = await asyncio.wait_for(
+            asyncio.gather(*(c.publish("storm", b"after %d" % i) for i, c in enumerate(clients))),
+            60)
+        assert sorted(second) == list(range(STORM, 2 * STORM))
+        await asyncio.gather(*(c.close() for c in clients))
+        return took
+
+    took = asyncio.run(main())
+    stored = read_topic(port, "storm")
+    assert sorted(v for _, v in stored) == sorted(
+        [b"before %d" % i for i in range(STORM)] + [b"after %d" % i for i in range(STORM)])
+    print("\nreconnect storm: %d clients reconnected in %.2f s" % (STORM, took))
+
+
+# -- a stalled disk ---------------------------------------------------------------------
+
+def test_stalled_disk_does_not_time_out_paused_producers(tmp_path):
+    """While the broker does not read a producer (disk back-pressure), the
+    producer is neither 'silent' (heartbeat) nor 'slow' (read timeout)."""
+    from broker.config import Config
+    from broker.server import Broker
+
+    loop = asyncio.new_event_loop()
+    th = threading.Thread(target=loop.run_forever, daemon=True)
+    th.start()
+
+    def call(coro, timeout=30):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+    cfg = Config(host=HOST, port=0, data_dir=str(tmp_path / "data"), fsync="never",
+                 read_timeout=0.5, heartbeat_timeout=1.0, append_high_water=64 * 1024,
+                 append_low_water=16 * 1024)
+
+    async def make():
+        b = Broker(cfg)
+        await b.start()
+        return b
+
+    broker = call(make())
+    gate = threading.Event()
+    real_write = broker.writer._write
+
+    def stalled_write(job):
+        gate.wait(30)  # the disk hangs until the test lets it go
+        real_write(job)
+
+    broker.writer._write = stalled_write
+    try:
+        with V1Conn(broker.port, timeout=10) as c:
+            c.hello()
+            body = b"".join(frame(b"PUB", 10 + i, pub("stall", [bytes([65 + i % 26]) * 8000]))
+                            for i in range(40))
+            last = frame(b"PUB", 50, pub("stall", [b"the end"]))
+            sender = threading.Thread(target=c.send_raw, args=(body + last[:9],), daemon=True)
+            sender.start()
+            # 2.5 s: two heartbeat timeouts and five read timeouts.
+            c.expect_silence(2.5)
+            gate.set()
+            sender.join(10)
+            c.send_raw(last[9:])
+            acks = [c.reply(rid, timeout=20) for rid in list(range(10, 50)) + [50]]
+        assert [k for k, _, _ in acks] == [b"ACK"] * 41
+        assert broker.stats().get("heartbeat_timeouts", 0) == 0
+        assert broker.stats().get("read_timeouts", 0) == 0
+    finally:
+        gate.set()
+        call(broker.stop())
+        loop.call_soon_threadsafe(loop.stop)
+        th.join(10)
