@@ -135,23 +135,19 @@ def main() -> None:
     targets = TARGETS if args.target == "all" else (args.target,)
     engine = args.engine
     if engine is None:
-        try:
-            import atheris  # noqa: F401
-            engine = "atheris"
-        except ImportError:
-            engine = "random"
+        import importlib.util
+        engine = "atheris" if importlib.util.find_spec("atheris") else "random"
     with tempfile.TemporaryDirectory(prefix="pls-fuzz-long-") as work:
         if engine == "atheris":
             import atheris
             # Coverage for the pure twins and the server (the Cython twins are
             # compiled; they are compared with the pure ones on every input).
+            import importlib
             with atheris.instrument_imports(include=["broker"]):
-                import broker._pure.frames  # noqa: F401
-                import broker._pure.wire1  # noqa: F401
-                import broker._pure.records  # noqa: F401
-                import broker.server.connection  # noqa: F401
-                import broker.server.v1  # noqa: F401
-                import broker.server.broker  # noqa: F401
+                for name in ("broker._pure.frames", "broker._pure.wire1", "broker._pure.records",
+                             "broker.server.connection", "broker.server.v1",
+                             "broker.server.broker"):
+                    importlib.import_module(name)
         runner = Runner(targets, work)
         start = time.monotonic()
         if engine == "atheris":

@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import random
-import re
 import signal
 import socket
 import struct
@@ -467,7 +466,6 @@ def run(args) -> dict:
         t.start()
     start = time.monotonic()
     end = start + duration
-    graceful_next = True
     try:
         _load_loop(args, rng, sh, broker, port, report, end, restart_every)
     except Failure as exc:
@@ -481,30 +479,29 @@ def run(args) -> dict:
 
 def _load_loop(args, rng, sh, broker, port, report, end, restart_every) -> None:
     graceful_next = True
-    if True:
-        while time.monotonic() < end and not sh.errors:
-            run_start = time.monotonic()
-            run_end = min(end, run_start + rng.uniform(restart_every * 0.6, restart_every * 1.4))
-            samples = []
-            while time.monotonic() < run_end and not sh.errors:
-                time.sleep(1.0)
-                rss = rss_kb(broker.pid())
-                if rss is not None:
-                    samples.append((round(time.monotonic() - run_start, 1), rss))
-            warm = [r for t, r in samples if t >= 3.0] or [r for _, r in samples]
-            if warm:
-                report["rss_kb"].append({"run": broker.runs, "codec": broker.current_impl,
-                                         "seconds": round(time.monotonic() - run_start, 1),
-                                         "after_warmup": warm[0], "max": max(warm),
-                                         "last": warm[-1]})
-            if time.monotonic() >= end or sh.errors:
-                break
-            broker.stop(graceful=graceful_next)
-            report["restarts"]["graceful" if graceful_next else "kill9"] += 1
-            graceful_next = not graceful_next
-            broker.start()
-            report["messages_checked"] += verify(sh, port)
-            report["verifications"] += 1
+    while time.monotonic() < end and not sh.errors:
+        run_start = time.monotonic()
+        run_end = min(end, run_start + rng.uniform(restart_every * 0.6, restart_every * 1.4))
+        samples = []
+        while time.monotonic() < run_end and not sh.errors:
+            time.sleep(1.0)
+            rss = rss_kb(broker.pid())
+            if rss is not None:
+                samples.append((round(time.monotonic() - run_start, 1), rss))
+        warm = [r for t, r in samples if t >= 3.0] or [r for _, r in samples]
+        if warm:
+            report["rss_kb"].append({"run": broker.runs, "codec": broker.current_impl,
+                                     "seconds": round(time.monotonic() - run_start, 1),
+                                     "after_warmup": warm[0], "max": max(warm),
+                                     "last": warm[-1]})
+        if time.monotonic() >= end or sh.errors:
+            break
+        broker.stop(graceful=graceful_next)
+        report["restarts"]["graceful" if graceful_next else "kill9"] += 1
+        graceful_next = not graceful_next
+        broker.start()
+        report["messages_checked"] += verify(sh, port)
+        report["verifications"] += 1
 
 
 def _finish(args, sh, broker, port, report, start, work, v0_runs) -> dict:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import struct
 import sys
 import time
 import uuid
@@ -30,8 +28,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # run as a script (the fsync recorder)
     sys.path.insert(0, str(HERE))
 
-from v1support import (  # noqa: E402
-    OLDEST, ConnectionClosed, V1Conn, frame, parse_err, parse_msg, pub, spec)
+from v1support import OLDEST, V1Conn, parse_err, parse_msg  # noqa: E402
 
 
 def start_server(impl: str, base: Path, name: str, *args, start: bool = True):

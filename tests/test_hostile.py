@@ -19,7 +19,6 @@ import os
 import select
 import socket
 import struct
-import threading
 import time
 import uuid
 import zlib
@@ -32,9 +31,9 @@ from reliability import (
     stop_quietly, topics)
 from v0client import V0Client, frame as v0frame, pub_frame
 from v1support import (
-    ALREADY_SUBSCRIBED, BAD_CRC, BAD_FRAME, BAD_REQUEST, FRAME_TOO_LARGE, INVALID_OFFSET,
-    INVALID_TOPIC, LATEST, NOT_IDENTIFIED, NOT_SUBSCRIBED, OFFSET, OLDEST, TIME,
-    UNKNOWN_COMMAND, UNSUPPORTED_VERSION, ConnectionClosed, V1Conn, cmt, frame, hel, pub, s,
+    BAD_CRC, BAD_FRAME, BAD_REQUEST, FRAME_TOO_LARGE, INVALID_OFFSET,
+    INVALID_TOPIC, LATEST, NOT_SUBSCRIBED, OFFSET, OLDEST, TIME,
+    UNKNOWN_COMMAND, UNSUPPORTED_VERSION, V1Conn, cmt, frame, hel, pub, s,
     spec)
 
 pytestmark = pytest.mark.integration

@@ -15,14 +15,13 @@ import json
 import math
 import re
 import socket
-import struct
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from v0client import V0Client, consumer, frame as v0frame, pub_frame
+from v0client import V0Client, consumer
 from v1support import OLDEST, V1Conn, cmt, frame, pub
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
-import os
 import re
 import socket
 import ssl
@@ -23,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from conftest import impl_env
-from reliability import Bystander, expect_err, read_topic, stats, topics
+from reliability import Bystander, expect_err, read_topic, stats
 from v0client import V0Client, frame as v0frame, pub_frame
 from v1support import (
-    FRAME_TOO_LARGE, OLDEST, ConnectionClosed, V1Conn, cmt, frame, hel, pub, s, spec)
+    FRAME_TOO_LARGE, OLDEST, V1Conn, cmt, frame, hel, pub, s, spec)
 
 pytestmark = pytest.mark.integration
 

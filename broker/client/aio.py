@@ -36,6 +36,8 @@ _U64 = struct.Struct(">Q")
 _ACK = struct.Struct(">QI")
 _SPEC = struct.Struct(">Bq")
 
+_DELIVERY_SLACK = 64 * 1024  # receive limit above max_frame_bytes (MSG framing, topic names)
+
 _K = wire1.KINDS
 K_RES, K_ACK, K_ERR, K_MSG, K_POG = _K[b"RES"], _K[b"ACK"], _K[b"ERR"], _K[b"MSG"], _K[b"POG"]
 
@@ -78,7 +80,10 @@ class _Protocol(asyncio.Protocol):
 
     def __init__(self, client: "AsyncClient") -> None:
         self.client = client
-        self.reader = wire1.V1Reader(client.max_frame_bytes)
+        # A delivery frame carries a stored record, 16 bytes more than the
+        # publish frame that stored it (offset and time): accept what the
+        # broker may send, not just what we may send.
+        self.reader = wire1.V1Reader(client.max_frame_bytes + _DELIVERY_SLACK)
         self.transport: asyncio.Transport | None = None
         self.paused = False                       # our writes are above the high-water mark
         self.drain_waiters: list[asyncio.Future] = []
@@ -134,7 +139,7 @@ class AsyncClient:
         self.reconnect = reconnect                # reconnect and resubscribe after a loss
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
-        self.max_frame_bytes = max_frame_bytes    # largest frame this client sends or accepts
+        self.max_frame_bytes = max_frame_bytes    # largest frame this client sends (accepts a bit more)
         self.max_buffered = max_buffered          # messages buffered per subscription
         self.ssl = ssl                            # True, or an ssl.SSLContext: connect with TLS
         self.user = user                          # authenticate as this user (AUT) if set
