@@ -50,6 +50,12 @@ def main() -> None:
                    "--fsync-interval-ms apart; never: the OS decides.")
 @click.option("--fsync-interval-ms", envvar="PYLOGSTREAMS_FSYNC_INTERVAL_MS", type=click.IntRange(1), default=_DEFAULTS.fsync_interval_ms,
               show_default=True, show_envvar=True, help="With --fsync interval.")
+@click.option("--retention-ms", envvar="PYLOGSTREAMS_RETENTION_MS", type=click.IntRange(-1),
+              default=_DEFAULTS.retention_ms, show_default=True, show_envvar=True,
+              help="Default for every topic: delete sealed segments older than this (-1: never).")
+@click.option("--retention-bytes", envvar="PYLOGSTREAMS_RETENTION_BYTES", type=click.IntRange(-1),
+              default=_DEFAULTS.retention_bytes, show_default=True, show_envvar=True,
+              help="Default for every topic: keep it at most this big (-1: no limit).")
 @click.option("--max-connections", envvar="PYLOGSTREAMS_MAX_CONNECTIONS", type=click.IntRange(1),
               default=_DEFAULTS.max_connections, show_default=True, show_envvar=True,
               help="Connections at once; more are closed on accept.")
@@ -373,6 +379,41 @@ def offsets(host: str, port: int, client_id: str | None, **security) -> None:
     """Committed offset and lag per client and topic (only --client-id's if given)."""
     with _connect(host, port, None, **security) as client:
         _table(client.offsets(client_id), ["client_id", "topic", "offset", "end_offset", "lag"])
+
+
+@main.command("topic-config")
+@_client_options
+@click.argument("topic")
+@click.option("--retention-ms", type=click.IntRange(-1), default=None,
+              help="Delete sealed segments older than this (-1: keep forever).")
+@click.option("--retention-bytes", type=click.IntRange(-1), default=None,
+              help="Keep the topic at most this big (-1: no limit).")
+@click.option("--fsync", "fsync_policy", type=click.Choice(FSYNC_POLICIES), default=None)
+@click.option("--fsync-interval-ms", type=click.IntRange(1), default=None)
+@click.option("--segment-bytes", type=click.IntRange(1024), default=None)
+@click.option("--reset", "reset", multiple=True,
+              type=click.Choice(["retention_ms", "retention_bytes", "fsync", "fsync_interval_ms",
+                                 "segment_bytes"]),
+              help="Return a setting to the broker default (repeatable).")
+def topic_config(host: str, port: int, client_id: str | None, topic: str,
+                 retention_ms: int | None, retention_bytes: int | None, fsync_policy: str | None,
+                 fsync_interval_ms: int | None, segment_bytes: int | None, reset: tuple,
+                 **security) -> None:
+    """Show TOPIC's settings, or change them (persisted, applied live)."""
+    from .client import BrokerError
+    overrides = {k: v for k, v in (("retention_ms", retention_ms),
+                                   ("retention_bytes", retention_bytes),
+                                   ("fsync", fsync_policy),
+                                   ("fsync_interval_ms", fsync_interval_ms),
+                                   ("segment_bytes", segment_bytes)) if v is not None}
+    overrides.update({k: None for k in reset})
+    with _connect(host, port, client_id, **security) as client:
+        try:
+            settings = client.topic_config(topic, **overrides)
+        except BrokerError as exc:
+            raise click.ClickException(str(exc)) from None
+    for key, value in sorted(settings.items()):
+        click.echo("%s: %s" % (key, value))
 
 
 @main.command()

@@ -35,7 +35,7 @@ __all__ = [
 # Frame kinds: the 3-byte type on the wire -> a small int in V1Reader events.
 KINDS = {
     b"HEL": 1, b"PUB": 2, b"SUB": 3, b"UNS": 4, b"CMT": 5, b"SEK": 6, b"PNG": 7,
-    b"TOP": 8, b"OFS": 9, b"STA": 10, b"AUT": 11,
+    b"TOP": 8, b"OFS": 9, b"STA": 10, b"AUT": 11, b"CFG": 12,
     b"RES": 20, b"ACK": 21, b"ERR": 22, b"MSG": 23, b"POG": 24,
 }
 K_CLOSE = 0      # (K_CLOSE, 0, b""): zero-length frame; the reader stops

@@ -32,7 +32,7 @@ __all__ = [
 
 KINDS = {
     b"HEL": 1, b"PUB": 2, b"SUB": 3, b"UNS": 4, b"CMT": 5, b"SEK": 6, b"PNG": 7,
-    b"TOP": 8, b"OFS": 9, b"STA": 10, b"AUT": 11,
+    b"TOP": 8, b"OFS": 9, b"STA": 10, b"AUT": 11, b"CFG": 12,
     b"RES": 20, b"ACK": 21, b"ERR": 22, b"MSG": 23, b"POG": 24,
 }
 K_CLOSE = 0
@@ -75,6 +75,7 @@ cdef int _kind(const unsigned char* p) noexcept nogil:
     if t == 0x535441: return 10   # STA
     if t == 0x455252: return 22   # ERR
     if t == 0x415554: return 11   # AUT
+    if t == 0x434647: return 12   # CFG
     return -1
 
 

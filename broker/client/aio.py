@@ -423,6 +423,17 @@ class AsyncClient:
         import json
         return json.loads(await self._call(b"OFS", wire1.pack_str(client_id or b"")))
 
+    async def topic_config(self, topic: str, **overrides) -> dict:
+        """A topic's settings; with keyword arguments, change and persist them.
+
+        Settings: ``fsync``, ``fsync_interval_ms``, ``retention_ms``,
+        ``retention_bytes``, ``segment_bytes``; ``None`` resets one to the
+        broker's default. Returns the settings in force afterwards.
+        """
+        import json
+        body = json.dumps(overrides) if overrides else ""
+        return json.loads(await self._call(b"CFG", wire1.pack_str(topic) + wire1.pack_str(body)))
+
     async def stats(self) -> dict:
         import json
         return json.loads(await self._call(b"STA"))

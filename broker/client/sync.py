@@ -123,6 +123,10 @@ class Client:
     def offsets(self, client_id: str | None = None) -> list[dict]:
         return self._run(self._aclient.offsets(client_id))
 
+    def topic_config(self, topic: str, **overrides) -> dict:
+        """A topic's settings; with keyword arguments, change and persist them."""
+        return self._run(self._aclient.topic_config(topic, **overrides))
+
     def stats(self) -> dict:
         return self._run(self._aclient.stats())
 

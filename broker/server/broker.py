@@ -199,10 +199,10 @@ class Broker:
                 raise ValueError("offset %d is negative" % value)
             offset = value
         elif mode == From.TIME:
-            find = getattr(topic, "offset_for_time", None)
-            if find is None:
-                raise ValueError("seeking by time is not supported by this storage")
-            offset = find(value)
+            try:
+                offset = topic.offset_for_time(value)
+            except (OSError, ValueError) as exc:  # CorruptRecordError is a ValueError
+                raise ValueError("cannot seek %s by time: %s" % (topic.name, exc)) from exc
         else:
             raise ValueError("unknown start mode %d" % mode)
         return min(max(offset, topic.start_offset), topic.next_offset)

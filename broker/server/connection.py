@@ -73,7 +73,8 @@ class Connection(V1Handlers, asyncio.Protocol):
         self._ready: dict[Subscription, None] = {}  # subscriptions that may have data, in turn order
         self._timer: asyncio.TimerHandle | None = None    # heartbeat check
         self._complaints = 0                  # bad-input warnings logged so far
-        self._auth_task: asyncio.Task | None = None  # a pending AUT check (v1)
+        self._tasks: set[asyncio.Task] = set()  # v1 requests awaiting the disk or a hash
+        self._auth_pending = False            # an AUT is being checked
         self._auth_failures = 0               # failed AUTs; the third closes the connection
         self._handlers = {
             frames.OP_PNG: self._on_png,
@@ -167,9 +168,9 @@ class Connection(V1Handlers, asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        if self._auth_task is not None:
-            self._auth_task.cancel()
-            self._auth_task = None
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
         if self._pump_handle is not None:
             self._pump_handle.cancel()
             self._pump_handle = None
@@ -450,6 +451,11 @@ class Connection(V1Handlers, asyncio.Protocol):
                     self.remove_subscription(sub)
                     break
                 if got is None:
+                    # Nothing readable at or after our offset: if retention
+                    # moved the log start past us, move with it rather than
+                    # stay "behind" forever (which would spin).
+                    if sub.offset < sub.topic.start_offset:
+                        sub.offset = sub.topic.start_offset
                     break
                 out, count, nxt = got
                 transport.write(out)

@@ -55,6 +55,7 @@ class V1Handlers:
             _K[b"OFS"]: self._v1_ofs,
             _K[b"STA"]: self._v1_sta,
             _K[b"AUT"]: self._v1_aut,
+            _K[b"CFG"]: self._v1_cfg,
         }
         if rest:
             self._v1_data(rest)
@@ -168,19 +169,24 @@ class V1Handlers:
         if auth is None:
             self._v1_reply(rid)  # nothing to check: everyone may do everything
             return
-        if self._auth_task is not None:
+        if self._auth_pending:
             self._v1_error(rid, ErrorCode.BAD_REQUEST, "an AUT is already being checked")
             return
-        # The hash runs in a thread; the task belongs to this connection and
-        # is cancelled with it.
-        self._auth_task = self.loop.create_task(
-            self._v1_check(rid, name.decode("utf-8", "replace"), secret))
+        # The hash runs in a thread.
+        self._auth_pending = True
+        self._v1_spawn(self._v1_check(rid, name.decode("utf-8", "replace"), secret))
+
+    def _v1_spawn(self, coro) -> None:
+        """Run ``coro`` as a task owned by this connection (cancelled with it)."""
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _v1_check(self, rid: int, name: str, secret: bytes) -> None:
         try:
             user = await self.broker.auth.verify(name, secret)
         finally:
-            self._auth_task = None
+            self._auth_pending = False
         if self.closed:
             return
         if user is None:
@@ -316,6 +322,38 @@ class V1Handlers:
 
     def _v1_sta(self, rid: int, payload: bytes, nbytes: int) -> None:
         self._v1_json(rid, self.broker.stats())
+
+    def _v1_cfg(self, rid: int, payload: bytes, nbytes: int) -> None:
+        """Read or change a topic's settings: ``str topic, str JSON overrides``."""
+        name, pos = wire1.read_str(payload, 0)
+        body, _ = wire1.read_str(payload, pos)
+        try:
+            overrides = json.loads(body) if body.strip() else {}
+            if not isinstance(overrides, dict):
+                raise ValueError("overrides must be a JSON object")
+        except ValueError as exc:
+            self._v1_error(rid, ErrorCode.BAD_REQUEST, "CFG: %s" % exc)
+            return
+        may = self.user.may_publish if overrides else self.user.may_subscribe
+        topic = self._v1_topic(rid, name, may)
+        if topic is None:
+            return
+        if not overrides:
+            self._v1_json(rid, topic.config.as_dict())
+            return
+        self._v1_spawn(self._v1_set_config(rid, topic.name, overrides))
+
+    async def _v1_set_config(self, rid: int, name: str, overrides: dict) -> None:
+        try:
+            config = await self.broker.writer.set_topic_config(name, **overrides)
+        except (ValueError, TypeError) as exc:
+            self._v1_error(rid, ErrorCode.BAD_REQUEST, "CFG: %s" % exc)
+            return
+        except OSError as exc:
+            self._v1_error(rid, ErrorCode.STORAGE_ERROR, "CFG not saved: %s" % exc)
+            return
+        log.info("%s: topic %s settings changed: %s", self.peer, name, overrides)
+        self._v1_json(rid, config.as_dict())
 
     def _v1_resolve(self, rid: int, topic, mode: int, value: int):
         try:

@@ -410,6 +410,13 @@ class DiskWriter:
             except BaseException:  # never leave the loop waiting forever
                 log.exception("disk thread: unexpected error")
             self._loop.call_soon_threadsafe(self._done, job)
+            # A due interval fsync or checkpoint runs after the job is
+            # reported: under fsync=interval it doesn't gate delivery, so it
+            # mustn't add its latency to the batch that happened to be last.
+            try:
+                self._timed_work()
+            except BaseException:
+                log.exception("disk thread: unexpected error")
 
     def _next_deadline(self) -> float | None:
         due = self._sync_due
@@ -505,7 +512,6 @@ class DiskWriter:
         if job.checkpoint:
             self._sync(everything=True)
             self._write_checkpoint(clean=False)
-        self._timed_work()
 
     def _mark_dirty(self, item, interval: float) -> None:
         if item not in self._dirty:
