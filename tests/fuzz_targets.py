@@ -626,8 +626,12 @@ class CommandHarness:
         """Let every reply this input causes be written (acks, AUT checks, deliveries)."""
         for _ in range(3):
             await self.broker.writer.flush()
-            if conn._auth_task is not None:
-                await asyncio.wait([conn._auth_task], timeout=10)
+            # Tasks the connection owns (AUT checks run the hash in a thread).
+            tasks = [t for t in getattr(conn, "_tasks", ()) if not t.done()]
+            if getattr(conn, "_auth_task", None) is not None:
+                tasks.append(conn._auth_task)
+            if tasks:
+                await asyncio.wait(tasks, timeout=10)
             for _ in range(20):
                 if conn._pump_handle is None:
                     break

@@ -331,6 +331,50 @@ def test_anonymous_allowed_with_its_permissions(server, users):
     assert info["public.v0"]["messages"] == 1
 
 
+def test_unauthenticated_connection_cannot_take_over_a_client_id(closed_server):
+    """HEL with someone else's client id, without AUT, must not stop their
+    deliveries (binding an id supersedes its connection)."""
+    port = closed_server.port
+    with V1Conn(port) as alice, V1Conn(port) as mallory, V1Conn(port) as prod:
+        alice.hello(b"alice-consumer")
+        alice.request(b"AUT", _aut("alice", ALICE_SECRET))
+        rid, _ = alice.subscribe("chat.orders", OLDEST)
+        mallory.hello(b"alice-consumer")  # no secret
+        expect_err(mallory, mallory.send(b"CMT", cmt("chat.orders", 0)), UNAUTHORIZED)
+        prod.hello()
+        prod.request(b"AUT", _aut("alice", ALICE_SECRET))
+        prod.publish("chat.orders", [b"o1"])
+        assert [m[2] for m in alice.read_messages(1, rid, timeout=5)] == [b"o1"]
+        # Once authenticated, the id is claimed (the documented behaviour).
+        mallory.request(b"AUT", _aut("bob", BOB_SECRET))
+        prod.publish("chat.orders", [b"o2"])
+        alice.expect_silence(0.5)
+
+
+def test_v0_set_needs_subscribe_permission(server, users):
+    """v0 SET stores a client's offset: refused (and logged) on a topic the
+    anonymous user may not read, like a v1 CMT."""
+    srv = server("--auth-file", str(users[1]))
+    with V1Conn(srv.port) as alice:
+        alice.hello(b"alice-c")
+        alice.request(b"AUT", _aut("alice", ALICE_SECRET))
+        alice.publish("chat.room", [b"a", b"b", b"c"])
+        alice.request(b"CMT", cmt("chat.room", 1))
+    with V0Client(srv.port) as anon:
+        anon.cid(b"alice-c")
+        anon.send_raw(v0frame(b"SET chat.room -1") + v0frame(b"SET public.x 0")
+                      + v0frame(b"SUB public.x") + pub_frame(b"public.x", b"sync"))
+        # Frames are handled in order: once "sync" comes back, the SETs were.
+        assert anon.read_deliveries(1) == [(b"public.x", b"sync")]
+    with V1Conn(srv.port) as c:
+        c.hello()
+        c.request(b"AUT", _aut("alice", ALICE_SECRET))
+        offsets = {(o["client_id"], o["topic"]): o["offset"] for o in c.json(b"OFS", s(""))}
+    assert offsets[("alice-c", "chat.room")] == 1
+    assert ("alice-c", "public.x") in offsets  # the permitted SET went through
+    assert "anonymous may not set an offset on chat.room" in srv.log_text()
+
+
 # -- TLS ------------------------------------------------------------------------------
 
 TLS_READ_TIMEOUT = 2.0

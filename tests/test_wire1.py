@@ -115,7 +115,7 @@ def record_sizes(msgs) -> list[int]:
 KNOWN = [b"HEL", b"PUB", b"SUB", b"UNS", b"CMT", b"SEK", b"PNG", b"TOP", b"OFS", b"STA",
          b"AUT", b"RES", b"ACK", b"ERR", b"MSG", b"POG"]
 KIND_CODES = {b"HEL": 1, b"PUB": 2, b"SUB": 3, b"UNS": 4, b"CMT": 5, b"SEK": 6, b"PNG": 7,
-              b"TOP": 8, b"OFS": 9, b"STA": 10, b"AUT": 11, b"RES": 20, b"ACK": 21, b"ERR": 22,
+              b"TOP": 8, b"OFS": 9, b"STA": 10, b"AUT": 11, b"CFG": 12, b"RES": 20, b"ACK": 21, b"ERR": 22,
               b"MSG": 23, b"POG": 24}
 
 

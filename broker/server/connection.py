@@ -273,6 +273,10 @@ class Connection(V1Handlers, asyncio.Protocol):
         topic = self._topic(topic_name, "SET")
         if topic is None:
             return
+        if not self.user.may_subscribe(topic.name):
+            # SET stores an offset, like a v1 CMT: it needs the same permission.
+            self._refuse_permission("set an offset on", topic.name)
+            return
         if requested == 0:
             offset = self.broker.resolve_offset(None, topic, From.OLDEST, 0)
         elif requested == -1:

@@ -155,10 +155,17 @@ class V1Handlers:
             return
         if not client_id:
             client_id = str(uuid.uuid4()).encode("ascii")
-        self.broker.bind_client(self, client_id)
         auth = self.broker.auth
-        if auth is not None:
-            self.user = auth.anonymous if auth.allow_anonymous else None
+        if auth is not None and not auth.allow_anonymous:
+            # Not claimed until AUT succeeds (_v1_check): binding supersedes
+            # the id's current connection, which stops its deliveries, and
+            # nobody may do that to a client without a secret.
+            self.client_id = client_id
+            self.user = None
+        else:
+            self.broker.bind_client(self, client_id)
+            if auth is not None:
+                self.user = auth.anonymous
         self._v1_reply(rid, _U16.pack(PROTOCOL_VERSION) + wire1.pack_str(client_id)
                        + wire1.pack_str(__version__))
 
@@ -198,6 +205,7 @@ class V1Handlers:
                 self.transport.close()
             return
         self.user = user
+        self.broker.bind_client(self, self.client_id)  # now it may claim its id
         self._v1_reply(rid)
 
     def _v1_pub(self, rid: int, payload: bytes, nbytes: int) -> None:
