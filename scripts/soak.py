@@ -35,6 +35,8 @@ Prints a JSON summary (``--json``) or a table; exits 1 if a check failed.
 from __future__ import annotations
 
 import argparse
+import array
+import bisect
 import json
 import os
 import random
@@ -57,6 +59,19 @@ from v1support import OLDEST, V1Conn, parse_msg  # noqa: E402
 
 V1_TOPICS = ["soak.v1.%d" % i for i in range(4)]
 V0_TOPIC = "soak.v0"
+# Producer names: "prod<i>" publishes to V1_TOPICS[i], "v0prod" to V0_TOPIC.
+PRODUCERS = {**{"prod%d" % i: t for i, t in enumerate(V1_TOPICS)}, "v0prod": V0_TOPIC}
+
+
+def message(name: str, seq: int) -> bytes:
+    """Message ``seq`` of producer ``name``: rebuilt from the two, so the
+    bookkeeping keeps numbers, not bytes (a 30-minute run sends millions)."""
+    return b"%s:%09d:%s" % (name.encode(), seq, b"s" * (seq * 7919 % 200))
+
+
+def parse(value: bytes) -> tuple[str, int]:
+    name, seq, _ = value.split(b":", 2)
+    return name.decode(), int(seq)
 
 
 class Failure(Exception):
@@ -64,6 +79,15 @@ class Failure(Exception):
 
 
 # -- the broker process --------------------------------------------------------
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """SIGKILL the broker if this script dies: no broker outlives a soak."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
 
 class BrokerProc:
     def __init__(self, data_dir: str, port: int, impl: str, log_dir: str, extra: list[str]) -> None:
@@ -87,7 +111,8 @@ class BrokerProc:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "broker", "serve", "--host", "127.0.0.1", "--port",
                  str(self.port), "--data-dir", self.data_dir, *self.extra],
-                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env)
+                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env,
+                preexec_fn=_die_with_parent)
             line = self.proc.stdout.readline().decode()
             if line.startswith("pylogstreams serving on"):
                 want = "codec=%s" % ("cython" if self.current_impl == "c" else "python")
@@ -142,12 +167,13 @@ class Shared:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.acked: dict[str, dict[bytes, int]] = {t: {} for t in V1_TOPICS}
-        self.sent: dict[str, set] = {t: set() for t in V1_TOPICS + [V0_TOPIC]}
+        self.acked: dict[str, list] = {t: [] for t in V1_TOPICS}  # (name, first seq, n, base)
+        self.sent_max: dict[str, int] = {n: 0 for n in PRODUCERS}  # highest seq sent, per producer
         self.processed: dict[tuple[str, str], int] = {}   # (client id, topic) -> processed up to
         self.counts = {"sessions": 0, "abrupt_ends": 0, "acked": 0, "v0_sent": 0,
                        "v1_consumed": 0, "v0_consumed": 0, "connect_failures": 0}
         self.errors: list[str] = []
+        self.last_v0_log = array.array("q")  # v0 topic's seqs at the last verification
         self.stop = threading.Event()
 
     def error(self, text: str) -> None:
@@ -188,16 +214,14 @@ def v1_producer(sh: Shared, port: int, topic: str, name: str, rng: random.Random
         abrupt = rng.random() < 0.5
         try:
             while time.monotonic() < end and not sh.stop.is_set():
-                batch = []
-                for _ in range(rng.randrange(1, 50)):
-                    seq += 1
-                    batch.append(b"%s:%09d:%s" % (name.encode(), seq, b"s" * rng.randrange(0, 200)))
+                first = seq + 1
+                batch = [message(name, first + i) for i in range(rng.randrange(1, 50))]
+                seq += len(batch)
                 with sh.lock:
-                    sh.sent[topic].update(batch)
+                    sh.sent_max[name] = seq
                 base = client.publish_batch(topic, batch)
                 with sh.lock:
-                    for i, m in enumerate(batch):
-                        sh.acked[topic][m] = base + i
+                    sh.acked[topic].append((name, first, len(batch), base))
                     sh.counts["acked"] += len(batch)
                 time.sleep(rng.uniform(0, 0.02))
         except PyLogStreamsError:
@@ -296,12 +320,12 @@ def v0_producer(sh: Shared, port: int, name: str, rng: random.Random) -> None:
                 msgs = []
                 for _ in range(rng.randrange(1, 30)):
                     seq += 1
-                    m = b"%s:%09d:%s" % (name.encode(), seq, b"v" * rng.randrange(0, 100))
+                    m = message(name, seq)
                     msgs.append(m)
                     body = b"PUB " + topic + b" " + m
                     frames.append(_v0_frame(body) + struct.pack(">I", zlib.crc32(m)))
                 with sh.lock:
-                    sh.sent[V0_TOPIC].update(msgs)
+                    sh.sent_max[name] = seq
                 sock.sendall(b"".join(frames))
                 with sh.lock:
                     sh.counts["v0_sent"] += len(msgs)
@@ -332,7 +356,7 @@ def v0_consumer(sh: Shared, port: int, name: str, rng: random.Random, seen: list
             continue
         with sh.lock:
             sh.counts["sessions"] += 1
-        run: list[bytes] = []
+        run = array.array("q")  # seqs received on this connection
         seen.append(run)
         end = time.monotonic() + rng.uniform(0.5, 5)
         buf = bytearray()
@@ -355,7 +379,7 @@ def v0_consumer(sh: Shared, port: int, name: str, rng: random.Random, seen: list
                     if not body.startswith(topic + b" "):
                         sh.error("v0 consumer got a frame for another topic: %r" % body[:60])
                         continue
-                    run.append(body[len(topic) + 1:])
+                    run.append(parse(body[len(topic) + 1:])[1])
                     with sh.lock:
                         sh.counts["v0_consumed"] += 1
         except OSError:
@@ -365,23 +389,55 @@ def v0_consumer(sh: Shared, port: int, name: str, rng: random.Random, seen: list
 
 # -- verification -------------------------------------------------------------------
 
-def read_log(port: int, topic: str) -> list[tuple[int, bytes]]:
+def read_log(port: int, topic: str):
+    """Yield ``(offset, value)`` of the whole topic, oldest first (CRCs checked)."""
     with V1Conn(port, timeout=60) as c:
         c.hello()
         info = {t["topic"]: t for t in c.json(b"TOP")}.get(topic)
         if info is None or info["next_offset"] == info["first_offset"]:
-            return []
+            return
         n = info["next_offset"] - info["first_offset"]
         rid, start = c.subscribe(topic, OLDEST)
-        out: list[tuple[int, bytes]] = []
-        deadline = time.monotonic() + 300
-        while len(out) < n:
+        got = 0
+        deadline = time.monotonic() + 600
+        while got < n:
             k, r, p = c.read_frame(max(0.001, deadline - time.monotonic()))
             if (k, r) != (b"MSG", rid):
                 raise Failure("unexpected frame %r while reading %s" % (k, topic))
             _t, recs = parse_msg(p)  # CRC of every record checked
-            out.extend((off, value) for off, _ts, value in recs)
-        return out
+            for off, _ts, value in recs:
+                yield off, value
+            got += len(recs)
+
+
+def scan_log(port: int, topic: str) -> tuple[array.array, array.array, list]:
+    """The topic as two arrays indexed by offset: producer index and seq.
+
+    Checks on the way: offsets contiguous from 0; every message is one a
+    producer of this topic built (name, seq, content); each producer's seqs
+    strictly increase (publish order, and no message twice).
+    """
+    names = [n for n, t in PRODUCERS.items() if t == topic]
+    index = {n: i for i, n in enumerate(names)}
+    who, seqs = array.array("b"), array.array("q")
+    last = [0] * len(names)
+    for off, value in read_log(port, topic):
+        if off != len(seqs):
+            raise Failure("%s: offset %d where %d was due" % (topic, off, len(seqs)))
+        try:
+            name, seq = parse(value)
+            i = index[name]
+        except (ValueError, KeyError):
+            raise Failure("%s: %r at %d is no producer's message" % (topic, value[:40], off))
+        if value != message(name, seq):
+            raise Failure("%s: %r at %d is damaged" % (topic, value[:40], off))
+        if seq <= last[i]:
+            raise Failure("%s: %s seq %d at %d after seq %d (duplicate or out of order)"
+                          % (topic, name, seq, off, last[i]))
+        last[i] = seq
+        who.append(i)
+        seqs.append(seq)
+    return who, seqs, names
 
 
 def verify(sh: Shared, port: int) -> int:
@@ -389,42 +445,36 @@ def verify(sh: Shared, port: int) -> int:
     checked = 0
     # Snapshots in an order that makes them comparable while the load runs:
     # what was acknowledged before reading must be in the log; what was
-    # sent after reading includes all that is in it; processed offsets
-    # read after the committed ones bound them.
+    # sent after reading bounds all that is in it; processed offsets read
+    # after the committed ones bound them.
     with sh.lock:
-        acked = {t: dict(a) for t, a in sh.acked.items()}
-    logs = {topic: read_log(port, topic) for topic in V1_TOPICS + [V0_TOPIC]}
+        acked = {t: list(a) for t, a in sh.acked.items()}
+    logs = {topic: scan_log(port, topic) for topic in V1_TOPICS + [V0_TOPIC]}
     with V1Conn(port) as c:
         c.hello()
         committed = {(o["client_id"], o["topic"]): o["offset"] for o in c.json(b"OFS", b"\x00\x00")}
     with sh.lock:
-        sent = {t: set(s) for t, s in sh.sent.items()}
+        sent_max = dict(sh.sent_max)
         processed = dict(sh.processed)
-    for topic, stored in logs.items():
-        checked += len(stored)
-        if [o for o, _ in stored] != list(range(len(stored))):
-            raise Failure("%s: offsets not contiguous from 0" % topic)
-        where: dict[bytes, int] = {}
-        last_seq: dict[bytes, int] = {}
-        for off, value in stored:
-            if value in where:
-                raise Failure("%s: %r stored twice (offsets %d and %d)"
-                              % (topic, value[:40], where[value], off))
-            if value not in sent[topic]:
-                raise Failure("%s: %r at %d was never sent" % (topic, value[:40], off))
-            where[value] = off
-            name, seq, _ = value.split(b":", 2)
-            if int(seq) <= last_seq.get(name, 0):
-                raise Failure("%s: %s's messages out of publish order at %d" % (topic, name, off))
-            last_seq[name] = int(seq)
-        for m, off in acked.get(topic, {}).items():
-            if where.get(m) != off:
-                raise Failure("%s: acknowledged %r (offset %d) is %s" % (
-                    topic, m[:40], off, "missing" if m not in where else "at %d" % where[m]))
+    for topic, (who, seqs, names) in logs.items():
+        checked += len(seqs)
+        for i, name in enumerate(names):
+            top = max((q for w, q in zip(who, seqs) if w == i), default=0)
+            if top > sent_max[name]:
+                raise Failure("%s: %s seq %d stored, but only %d were sent"
+                              % (topic, name, top, sent_max[name]))
+        for name, first, n, base in acked.get(topic, ()):
+            i = names.index(name)
+            for k in range(n):
+                off = base + k
+                if off >= len(seqs) or who[off] != i or seqs[off] != first + k:
+                    raise Failure("%s: acknowledged %s seq %d (offset %d) is not there"
+                                  % (topic, name, first + k, off))
     for key, upto in processed.items():
         if committed.get(key, 0) > upto:
             raise Failure("consumer %s on %s: committed %d is ahead of processed %d"
                           % (key[0], key[1], committed[key], upto))
+    sh.last_v0_log = logs[V0_TOPIC][1]
     return checked
 
 
@@ -470,6 +520,8 @@ def run(args) -> dict:
         _load_loop(args, rng, sh, broker, port, report, end, restart_every)
     except Failure as exc:
         sh.errors.append(str(exc))
+    except Exception:  # noqa: BLE001 - reported, and the broker still cleaned up
+        sh.errors.append("soak crashed: %s" % traceback.format_exc())
     finally:
         sh.stop.set()
         for t in threads:
@@ -510,22 +562,27 @@ def _finish(args, sh, broker, port, report, start, work, v0_runs) -> dict:
             time.sleep(0.5)
             report["messages_checked"] += verify(sh, port)
             report["verifications"] += 1
-            # v0 consumer runs: each in log order, all of them stored messages.
-            order = {v: i for i, (_o, v) in enumerate(read_log(port, V0_TOPIC))}
+            # v0 consumer runs: each in log order, all of them stored messages
+            # (the v0 log's seqs strictly increase: membership by bisection).
+            log_seqs = sh.last_v0_log
             for run_ in v0_runs:
-                idx = [order.get(v) for v in run_]
-                if None in idx:
-                    raise Failure("a v0 consumer received a message that is not in the log")
-                if idx != sorted(idx):
-                    raise Failure("a v0 consumer received messages out of log order")
+                for a, b in zip(run_, run_[1:]):
+                    if b <= a:
+                        raise Failure("a v0 consumer received seq %d after %d" % (b, a))
+                for q in run_:
+                    i = bisect.bisect_left(log_seqs, q)
+                    if i == len(log_seqs) or log_seqs[i] != q:
+                        raise Failure("a v0 consumer received seq %d, which is not stored" % q)
         broker.stop(graceful=True)
     except Failure as exc:
         sh.errors.append(str(exc))
+    except Exception:  # noqa: BLE001
+        sh.errors.append("soak crashed: %s" % traceback.format_exc())
     finally:
         broker.kill_quietly()
     report["elapsed_s"] = round(time.monotonic() - start, 1)
     report["counts"] = dict(sh.counts)
-    report["acked_messages"] = sum(len(a) for a in sh.acked.values())
+    report["acked_messages"] = sum(n for a in sh.acked.values() for _, _, n, _ in a)
     report["broker_runs"] = broker.runs
     rss = report["rss_kb"]
     if rss:

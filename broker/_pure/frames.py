@@ -23,6 +23,8 @@ from __future__ import annotations
 import struct
 import zlib
 
+from .stream import ChunkedReader
+
 __all__ = [
     "OP_CLOSE", "OP_REG", "OP_CID", "OP_SUB", "OP_SET", "OP_PUB", "OP_PNG",
     "OP_BADCRC", "OP_UNKNOWN", "OP_MALFORMED", "OP_ERROR", "OP_HEL",
@@ -50,7 +52,7 @@ _pack_u32 = _U32.pack
 crc32 = zlib.crc32
 
 
-class FrameReader:
+class FrameReader(ChunkedReader):
     """Incremental v0 frame scanner.
 
     ``feed(data)`` accepts any chunk of the stream and returns the list of
@@ -61,55 +63,19 @@ class FrameReader:
     reader returns an ``OP_ERROR`` event and ignores all later input.
     """
 
-    __slots__ = ("max_frame_bytes", "_buf", "_need", "_broken", "_started", "_detached")
+    __slots__ = ("_started", "_detached")
 
     def __init__(self, max_frame_bytes: int = 1 << 20) -> None:
-        if max_frame_bytes < 16:
-            raise ValueError("max_frame_bytes must be at least 16")
-        self.max_frame_bytes = max_frame_bytes  # largest body accepted
-        self._buf = bytearray()                  # unparsed remainder
-        self._need = 0                           # bytes the buffered frame needs, at least
-        self._broken = False                     # set once OP_ERROR is emitted
+        super().__init__(max_frame_bytes)
         self._started = False                    # the first frame's command has been seen
         self._detached = False                   # stopped at a first-frame HEL (see detach)
 
-    @property
-    def buffered(self) -> int:
-        """Bytes held waiting for the rest of their frame."""
-        return len(self._buf)
-
-    @property
-    def broken(self) -> bool:
-        """True once a framing error was reported; input is then ignored."""
-        return self._broken
-
     def feed(self, data) -> list:
-        if self._broken:
-            return []
-        buf = self._buf
         if self._detached:
-            buf += data
+            if not self._broken:
+                self._buf += data  # everything after HEL belongs to the v1 reader
             return []
-        if buf:
-            buf += data
-            if len(buf) < self._need:
-                # The buffered frame is still incomplete: don't rescan it,
-                # so a large frame arriving in many chunks costs linear time.
-                return []
-            view = bytes(buf)
-        else:
-            # bytes(memoryview(...)), not bytes(data): bytes(5) would be
-            # five zero bytes, i.e. a "close" frame, not a TypeError.
-            view = data if type(data) is bytes else bytes(memoryview(data))
-        events: list = []
-        pos = self._scan(view, events)
-        if self._broken or pos == len(view):
-            buf.clear()
-        elif buf:
-            del buf[:pos]
-        else:
-            buf += memoryview(view)[pos:]
-        return events
+        return super().feed(data)
 
     def detach(self) -> bytes:
         """After OP_HEL: every byte from the HEL frame on, for the v1 reader.

@@ -25,6 +25,7 @@ import struct
 import zlib
 
 from .records import HEADER_SIZE, CorruptRecordError, decode_records
+from .stream import ChunkedReader
 
 __all__ = [
     "V1Reader", "ProtocolError", "KINDS", "K_ERROR", "K_CLOSE", "K_UNKNOWN",
@@ -56,7 +57,7 @@ class ProtocolError(ValueError):
     """A v1 payload that does not match its type's layout."""
 
 
-class V1Reader:
+class V1Reader(ChunkedReader):
     """Incremental v1 frame splitter: ``feed(data)`` -> ``[(kind, rid, payload)]``.
 
     Like the v0 FrameReader: any chunking, linear cost, the length prefix
@@ -64,44 +65,7 @@ class V1Reader:
     no further output after a ``K_ERROR`` or ``K_CLOSE`` event.
     """
 
-    __slots__ = ("max_frame_bytes", "_buf", "_need", "_broken")
-
-    def __init__(self, max_frame_bytes: int = 1 << 20) -> None:
-        if max_frame_bytes < 16:
-            raise ValueError("max_frame_bytes must be at least 16")
-        self.max_frame_bytes = max_frame_bytes  # largest frame (N) accepted
-        self._buf = bytearray()                 # unparsed remainder
-        self._need = 0                          # bytes the buffered frame needs, at least
-        self._broken = False                    # no output after K_ERROR / K_CLOSE
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
-    @property
-    def broken(self) -> bool:
-        return self._broken
-
-    def feed(self, data) -> list:
-        if self._broken:
-            return []
-        buf = self._buf
-        if buf:
-            buf += data
-            if len(buf) < self._need:
-                return []
-            view = bytes(buf)
-        else:
-            view = data if type(data) is bytes else bytes(data)
-        events: list = []
-        pos = self._scan(view, events)
-        if self._broken or pos == len(view):
-            buf.clear()
-        elif buf:
-            del buf[:pos]
-        else:
-            buf += memoryview(view)[pos:]
-        return events
+    __slots__ = ()
 
     def _scan(self, data: bytes, events: list) -> int:
         end = len(data)
