@@ -707,3 +707,48 @@ def test_differential_parse_messages(twins, chunk, topic, count_delta, garbage, 
             n += 1
         payload = raw_str(topic) + u32(max(0, n + count_delta)) + buf
     both(twins, "parse_messages", payload)
+
+
+# -- decode_messages (the client's one-call-per-frame decoder) -----------------
+
+def _msg_payload(w, records_mod, offsets_values, topic=b"dm"):
+    recs = records_mod.encode_records([v for _, v in offsets_values], offsets_values[0][0], 77)
+    frame = w.wire1.message_frame(recs, 9, topic, 0, 1 << 40, 1 << 30)[0]
+    return frame[11:]
+
+
+def test_decode_messages_builds_and_filters(w):
+    from broker._pure import records as precords
+    values = [(5, b"a"), (6, b""), (7, b"ccc")]
+    payload = _msg_payload(w, precords, values)
+    make = lambda *args: args  # noqa: E731 - the factory just returns its arguments
+    assert w.wire1.decode_messages(payload, "dm", 0, make) == (
+        [("dm", 5, 77, b"a"), ("dm", 6, 77, b""), ("dm", 7, 77, b"ccc")], 8)
+    assert w.wire1.decode_messages(payload, "dm", 7, make) == ([("dm", 7, 77, b"ccc")], 8)
+    assert w.wire1.decode_messages(payload, "dm", 9, make) == ([], 9)
+
+
+def test_decode_messages_refuses_corruption(w):
+    from broker._pure import records as precords
+    payload = bytearray(_msg_payload(w, precords, [(0, b"hello"), (1, b"world")]))
+    payload[-1] ^= 0x01
+    with pytest.raises(ValueError, match="checksum"):
+        w.wire1.decode_messages(bytes(payload), "dm", 0, lambda *a: a)
+    with pytest.raises(ValueError, match="records decoded"):
+        w.wire1.decode_messages(bytes(payload[:-3]), "dm", 0, lambda *a: a)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, 12))
+def test_decode_messages_twins_agree(data, min_offset):
+    from broker._pure import wire1 as pw
+    if os.environ.get("PYLOGSTREAMS_NO_EXTENSIONS", "") not in ("", "0"):
+        pytest.skip("pure-only run (PYLOGSTREAMS_NO_EXTENSIONS): no compiled twin to compare")
+    from broker._speedups import wire1 as cw  # must import in a default build
+    results = []
+    for mod in (pw, cw):
+        try:
+            results.append(mod.decode_messages(data, "t", min_offset, lambda *a: a))
+        except Exception as exc:  # the same exception type (and text) from both
+            results.append((type(exc).__name__, str(exc)))
+    assert results[0] == results[1]

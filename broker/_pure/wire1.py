@@ -30,7 +30,7 @@ from .stream import ChunkedReader
 __all__ = [
     "V1Reader", "ProtocolError", "KINDS", "K_ERROR", "K_CLOSE", "K_UNKNOWN",
     "encode", "pack_str", "read_str", "encode_publish", "parse_publish", "message_frame",
-    "parse_messages",
+    "parse_messages", "decode_messages",
 ]
 
 # Frame kinds: the 3-byte type on the wire -> a small int in V1Reader events.
@@ -241,3 +241,29 @@ def parse_messages(payload):
     if len(out) != count or stop != len(payload):
         raise CorruptRecordError(stop, "MSG: %d of %d records decoded" % (len(out), count))
     return topic, out
+
+
+def decode_messages(payload, topic, min_offset: int, factory):
+    """Decode a ``MSG`` payload straight into message objects.
+
+    For each record with ``offset >= min_offset`` (older ones are stale:
+    a seek or a resubscription moved past them) builds
+    ``factory(topic, offset, time_ms, value)``; every record's CRC is
+    checked. Returns ``(messages, next_offset)``, next_offset being one past
+    the last message built, or ``min_offset`` if none was.
+    """
+    _, pos = read_str(payload, 0)
+    if len(payload) - pos < 4:
+        raise ProtocolError("MSG: missing record count")
+    count = _unpack_u32(payload, pos)[0]
+    pos += 4
+    records, stop = decode_records(payload, 0, (1 << 63) - 1, pos)
+    if len(records) != count or stop != len(payload):
+        raise CorruptRecordError(stop, "MSG: %d of %d records decoded" % (len(records), count))
+    out = []
+    nxt = min_offset
+    for off, ts, value in records:
+        if off >= nxt:
+            out.append(factory(topic, off, ts, value))
+            nxt = off + 1
+    return out, nxt

@@ -27,7 +27,7 @@ from .records import CorruptRecordError, decode_records
 __all__ = [
     "V1Reader", "ProtocolError", "KINDS", "K_ERROR", "K_CLOSE", "K_UNKNOWN",
     "encode", "pack_str", "read_str", "encode_publish", "parse_publish", "message_frame",
-    "parse_messages",
+    "parse_messages", "decode_messages",
 ]
 
 KINDS = {
@@ -389,3 +389,52 @@ def parse_messages(payload):
     if len(out) != count or stop != len(payload):
         raise CorruptRecordError(stop, "MSG: %d of %d records decoded" % (len(out), count))
     return topic, out
+
+
+def decode_messages(payload, topic, min_offset, factory):
+    """Decode a ``MSG`` payload straight into message objects (see the pure twin)."""
+    cdef Py_buffer view
+    cdef const unsigned char* p
+    cdef Py_ssize_t end, pos, n
+    cdef uint32_t count, seen = 0
+    cdef RecordHeader hdr
+    cdef uint64_t nxt
+    cdef list out = []
+    if min_offset < 0:
+        raise ValueError("min_offset must be >= 0")
+    nxt = min_offset
+    PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+    try:
+        p = <const unsigned char*>view.buf
+        end = view.len
+        if end < 2:
+            raise ProtocolError("truncated string")
+        n = (<Py_ssize_t>p[0] << 8) | p[1]
+        if end - 2 < n:
+            raise ProtocolError("truncated string")
+        pos = 2 + n
+        if end - pos < 4:
+            raise ProtocolError("MSG: missing record count")
+        count = load_be32(p + pos)
+        pos += 4
+        while end - pos >= RECORD_HEADER_SIZE:
+            read_header(p + pos, &hdr)
+            if hdr.length < RECORD_MIN_LENGTH:
+                raise CorruptRecordError(pos, "length %d below minimum" % hdr.length)
+            if <Py_ssize_t>hdr.length > end - pos - 4:
+                break
+            if hdr.offset >= <uint64_t>0x7FFFFFFFFFFFFFFF:
+                break  # decode_records' end_offset in the pure twin
+            if not crc_matches(p + pos, &hdr):
+                raise CorruptRecordError(pos, "checksum mismatch")
+            if hdr.offset >= nxt:
+                out.append(factory(topic, hdr.offset, hdr.time, PyBytes_FromStringAndSize(
+                    <const char*>p + pos + RECORD_HEADER_SIZE, hdr.length - RECORD_MIN_LENGTH)))
+                nxt = hdr.offset + 1
+            seen += 1
+            pos += 4 + hdr.length
+        if seen != count or pos != end:
+            raise CorruptRecordError(pos, "MSG: %d of %d records decoded" % (seen, count))
+        return out, <object>nxt
+    finally:
+        PyBuffer_Release(&view)

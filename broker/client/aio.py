@@ -36,6 +36,7 @@ _U64 = struct.Struct(">Q")
 _ACK = struct.Struct(">QI")
 _SPEC = struct.Struct(">Bq")
 
+_decode_messages = wire1.decode_messages
 _DELIVERY_SLACK = 64 * 1024  # receive limit above max_frame_bytes (MSG framing, topic names)
 
 _K = wire1.KINDS
@@ -338,8 +339,7 @@ class AsyncClient:
             if kind == K_MSG:
                 sub = self._subs.get(rid)
                 if sub is not None:
-                    topic, records = wire1.parse_messages(payload)
-                    sub._deliver(records)
+                    sub._deliver(payload)
                 continue
             if kind == K_ERR:
                 code = _U16.unpack_from(payload, 0)[0]
@@ -600,15 +600,12 @@ class Subscription:
         self._in_hand = -1
         await self._subscribe(From.OFFSET, self._processed)
 
-    def _deliver(self, records: list) -> None:
-        topic = self.topic
-        nxt = self._next
+    def _deliver(self, payload: bytes) -> None:
+        # One codec call per MSG frame builds the Messages, checks every
+        # CRC and drops what a seek or resubscribe made stale.
+        msgs, self._next = _decode_messages(payload, self.topic, self._next, Message)
         buf = self._buffer
-        for off, ts, value in records:
-            if off >= nxt:   # drop what a seek or resubscribe made stale
-                buf.append(Message(topic, off, ts, value))
-                nxt = off + 1
-        self._next = nxt
+        buf.extend(msgs)
         if len(buf) >= self.client.max_buffered:
             self.client._buffer_full(self)
         waiter = self._waiter
