@@ -541,12 +541,15 @@ def _v0_sent_messages(stream: bytes) -> list[tuple[bytes, bytes]]:
         body = stream[pos + 4:pos + 4 + n]
         if len(body) < n:
             break
-        if body[:4] == b"PUB ":
+        if body[:3] == b"PUB":
+            # Any body that starts with PUB carries the CRC trailer, even a
+            # malformed one ("PUBx"): the v0 framing knows PUB by its first
+            # three bytes (broker/_pure/frames.py).
             crc = stream[pos + 4 + n:pos + 8 + n]
             if len(crc) < 4:
                 break
             sp = body.find(b" ", 4)
-            if sp > 4 and zlib.crc32(body[sp + 1:]) == _U32.unpack(crc)[0]:
+            if body[3:4] == b" " and sp > 4 and zlib.crc32(body[sp + 1:]) == _U32.unpack(crc)[0]:
                 out.append((body[4:sp], body[sp + 1:]))
             pos += 8 + n
         else:

@@ -18,6 +18,9 @@
 - ``test_stalled_disk_does_not_time_out_paused_producers``: a producer the
   broker paused for disk back-pressure is not closed as silent or slow
   (read timeout, heartbeat) while the broker itself is not reading it.
+- ``test_client_reconnects_after_a_stalled_broker``: the client library
+  keeps reconnecting through HEL timeouts.
+- ``test_soak_45_seconds``: ``scripts/soak.py`` for about 45 s.
 
 Disk full is covered by the storage tests.
 """
@@ -331,6 +334,43 @@ def test_reconnect_storm(server):
     assert sorted(v for _, v in stored) == sorted(
         [b"before %d" % i for i in range(STORM)] + [b"after %d" % i for i in range(STORM)])
     print("\nreconnect storm: %d clients reconnected in %.2f s" % (STORM, took))
+
+
+# -- a broker that accepts but does not answer ----------------------------------------------
+
+def test_client_reconnects_after_a_stalled_broker(tmp_path):
+    """While the broker is away, something accepts connections on its port
+    and never answers HEL: the client library keeps trying, and reconnects
+    once the broker is back (a HEL timeout used to end reconnection for good)."""
+    from reliability import start_server, stop_quietly
+    srv = start_server("c", tmp_path, "stalled")
+    port = srv.port
+
+    async def main():
+        from broker import AsyncClient
+        c = AsyncClient(HOST, port, request_timeout=0.5, connect_timeout=0.5, heartbeat=0)
+        await c.connect()
+        assert await c.publish("s", b"before") == 0
+        old = c._proto
+        srv.kill()  # on this thread: the broker dies with the thread that started it
+        silent = socket.socket()
+        silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        silent.bind((HOST, port))
+        silent.listen(64)
+        await asyncio.sleep(1.5)  # several HEL timeouts
+        silent.close()
+        srv.start(port=port)
+        t0 = time.monotonic()
+        while not (c._proto is not old and c.connected):
+            assert time.monotonic() - t0 < 15, "the client never reconnected"
+            await asyncio.sleep(0.02)
+        assert await c.publish("s", b"after") == 1
+        await c.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        stop_quietly(srv)
 
 
 # -- a stalled disk ---------------------------------------------------------------------

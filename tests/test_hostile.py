@@ -804,8 +804,10 @@ def _flood(port: int, kind: str, seconds: float, bystander) -> tuple[int, bool, 
     proc = subprocess.Popen([sys.executable, "-c", _FLOODER, str(port), kind, str(seconds)],
                             stdout=subprocess.PIPE)
     lat = []
+    deadline = time.monotonic() + seconds + 60
     try:
         while proc.poll() is None:
+            assert time.monotonic() < deadline, "the flooder did not finish"
             lat.append(bystander.check(timeout=5))
             time.sleep(0.02)
         out = proc.stdout.read().split()

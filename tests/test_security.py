@@ -440,6 +440,28 @@ def test_tls_cli(tls_server, tls_files, impl, tmp_path):
     assert proc.returncode != 0
 
 
+def test_tls_with_the_documented_openssl_certificate(server, tmp_path):
+    """The self-signed certificate command of docs/security.md works as shown."""
+    import shutil
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command")
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    m = re.search(r"```sh\n(openssl req -x509 .*?)\n```", doc, re.S)
+    assert m, "the openssl command is gone from docs/security.md"
+    argv = m[1].replace("\\\n", " ").split()
+    argv = [a.strip('"') for a in argv]
+    # Re-join the quoted -addext value the shell would have kept whole.
+    i = argv.index("-addext")
+    argv[i + 1] = argv[i + 1].strip('"')
+    proc = subprocess.run(argv, cwd=str(tmp_path), capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+    srv = server("--tls-cert", str(tmp_path / "server.pem"), "--tls-key", str(tmp_path / "server.key"))
+    from broker import Client
+    for host in ("127.0.0.1", "localhost"):
+        with Client(host, srv.port, ssl=_context(str(tmp_path / "server.pem")), reconnect=False) as c:
+            assert c.publish("t", b"ok") >= 0
+
+
 def test_plaintext_client_against_tls_port(tls_server, tls_files):
     port = tls_server.port
     # Plain v1 and v0 first frames, and a TLS record that promises more

@@ -193,17 +193,19 @@ class AsyncClient:
         except (OSError, asyncio.TimeoutError) as exc:
             raise ConnectionLost("cannot connect to %s:%d: %s" % (self.host, self.port, exc)) from exc
         self._proto = proto
-        payload = _U16.pack(PROTOCOL_VERSION) + wire1.pack_str(self._client_id)
-        reply = await self._call_on(proto, b"HEL", payload)
-        _version = _U16.unpack_from(reply, 0)[0]
-        self._client_id, _ = wire1.read_str(reply, 2)
-        if self.user is not None:
-            try:
+        try:
+            payload = _U16.pack(PROTOCOL_VERSION) + wire1.pack_str(self._client_id)
+            reply = await self._call_on(proto, b"HEL", payload)
+            _version = _U16.unpack_from(reply, 0)[0]
+            self._client_id, _ = wire1.read_str(reply, 2)
+            if self.user is not None:
                 await self._call_on(proto, b"AUT", wire1.pack_str(self.user)
                                     + wire1.pack_str(self._secret))
-            except BaseException:
-                proto.transport.abort()
-                raise
+        except BaseException:
+            # No answer to HEL or AUT (a stalled broker), or a refusal: a
+            # half-open connection is of no use, and must not leak.
+            proto.transport.abort()
+            raise
         self._connected.set()
         self._ever_connected = True
         if self._heartbeat is None:
@@ -278,7 +280,9 @@ class AsyncClient:
         while not self._closing:
             try:
                 await self._open()
-            except (ConnectionLost, BrokerError) as exc:
+            except (ConnectionLost, BrokerError, asyncio.TimeoutError) as exc:
+                # A timeout too (HEL unanswered): giving up here would leave
+                # the client disconnected for good.
                 log.info("reconnect to %s:%d failed (%s); retrying in %.2f s",
                          self.host, self.port, exc, delay)
                 await asyncio.sleep(delay)
@@ -288,7 +292,7 @@ class AsyncClient:
             for sub in subs:
                 try:
                     await sub._resubscribe()
-                except (ConnectionLost, BrokerError) as exc:
+                except (ConnectionLost, BrokerError, asyncio.TimeoutError) as exc:
                     log.warning("resubscribing to %s failed: %s", sub.topic, exc)
             self._reconnecting = None
             return
