@@ -175,6 +175,17 @@ cdef inline bytes _bytes(value):
     return value if type(value) is bytes else bytes(memoryview(value))
 
 
+cdef Py_ssize_t _str_end(const unsigned char* p, Py_ssize_t end) except -1:
+    """Position just after the ``[u16 n][n bytes]`` string at the start of ``p``."""
+    cdef Py_ssize_t n
+    if end < 2:
+        raise ProtocolError("truncated string")
+    n = (<Py_ssize_t>p[0] << 8) | p[1]
+    if end - 2 < n:
+        raise ProtocolError("truncated string")
+    return 2 + n
+
+
 def encode(kind, rid, payload=b""):
     """One v1 frame of ``kind`` (3 bytes) with request id ``rid``."""
     cdef bytes k = _bytes(kind)
@@ -275,7 +286,7 @@ def parse_publish(payload):
     """Split a ``PUB`` payload: ``(topic, messages, bad_index)``."""
     cdef Py_buffer view
     cdef const unsigned char* p
-    cdef Py_ssize_t end, pos, n, i, tlen
+    cdef Py_ssize_t end, pos, n, i
     cdef uint32_t count, crc
     cdef list messages
     cdef bytes msg, topic
@@ -284,13 +295,8 @@ def parse_publish(payload):
     try:
         p = <const unsigned char*>view.buf
         end = view.len
-        if end < 2:
-            raise ProtocolError("truncated string")
-        tlen = (<Py_ssize_t>p[0] << 8) | p[1]
-        if end - 2 < tlen:
-            raise ProtocolError("truncated string")
-        topic = PyBytes_FromStringAndSize(<const char*>p + 2, tlen)
-        pos = 2 + tlen
+        pos = _str_end(p, end)
+        topic = PyBytes_FromStringAndSize(<const char*>p + 2, pos - 2)
         if end - pos < 4:
             raise ProtocolError("PUB: missing message count")
         count = load_be32(p + pos)
@@ -407,12 +413,7 @@ def decode_messages(payload, topic, min_offset, factory):
     try:
         p = <const unsigned char*>view.buf
         end = view.len
-        if end < 2:
-            raise ProtocolError("truncated string")
-        n = (<Py_ssize_t>p[0] << 8) | p[1]
-        if end - 2 < n:
-            raise ProtocolError("truncated string")
-        pos = 2 + n
+        pos = _str_end(p, end)
         if end - pos < 4:
             raise ProtocolError("MSG: missing record count")
         count = load_be32(p + pos)
