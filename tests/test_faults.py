@@ -20,7 +20,7 @@
   (read timeout, heartbeat) while the broker itself is not reading it.
 - ``test_client_reconnects_after_a_stalled_broker``: the client library
   keeps reconnecting through HEL timeouts.
-- ``test_soak_45_seconds``: ``scripts/soak.py`` for about 45 s.
+- ``test_soak_3_minutes``: ``scripts/soak.py`` for 3 minutes (the CI soak of issue 6).
 
 Disk full is covered by the storage tests.
 """
@@ -432,12 +432,12 @@ def test_stalled_disk_does_not_time_out_paused_producers(tmp_path):
 
 # -- soak ---------------------------------------------------------------------------------
 
-def test_soak_45_seconds(tmp_path):
-    """scripts/soak.py for 42 s of load (about 45 s with its checks): v0 and v1
+def test_soak_3_minutes(tmp_path):
+    """scripts/soak.py for 3 minutes of load (the CI soak issue 6 asks for): v0 and v1
     producers and consumers, random client kills, broker restarts (SIGTERM and
     SIGKILL, switching between the Cython and the pure codec); nothing acked
-    lost, committed offsets never ahead, broker RSS bounded. The long runs
-    (3 and 30 minutes) are the same script with --minutes."""
+    lost, committed offsets never ahead, broker RSS bounded. The long run
+    (30 minutes) is the same script with --minutes 30."""
     import json
     import subprocess
     import sys
@@ -445,9 +445,9 @@ def test_soak_45_seconds(tmp_path):
     from conftest import impl_env
     script = Path(__file__).resolve().parent.parent / "scripts" / "soak.py"
     proc = subprocess.run(
-        [sys.executable, str(script), "--minutes", "0.7", "--impl", "alternate", "--seed", "45",
-         "--restart-every", "12", "--json", "--data-dir", str(tmp_path / "soak")],
-        env=impl_env("c"), capture_output=True, timeout=240)
+        [sys.executable, str(script), "--minutes", "3", "--impl", "alternate", "--seed", "45",
+         "--restart-every", "20", "--json", "--data-dir", str(tmp_path / "soak")],
+        env=impl_env("c"), capture_output=True, timeout=480)
     assert proc.stdout, proc.stderr.decode()[-3000:]
     report = json.loads(proc.stdout.decode().strip().splitlines()[-1])
     print("\nsoak: %s" % json.dumps({k: report[k] for k in (
