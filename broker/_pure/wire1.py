@@ -249,17 +249,13 @@ def decode_messages(payload, topic, min_offset: int, factory):
     For each record with ``offset >= min_offset`` (older ones are stale:
     a seek or a resubscription moved past them) builds
     ``factory(topic, offset, time_ms, value)``; every record's CRC is
-    checked. Returns ``(messages, next_offset)``, next_offset being one past
-    the last message built, or ``min_offset`` if none was.
+    checked (by :func:`parse_messages`). Returns ``(messages, next_offset)``,
+    next_offset being one past the last message built, or ``min_offset`` if
+    none was.
     """
-    _, pos = read_str(payload, 0)
-    if len(payload) - pos < 4:
-        raise ProtocolError("MSG: missing record count")
-    count = _unpack_u32(payload, pos)[0]
-    pos += 4
-    records, stop = decode_records(payload, 0, (1 << 63) - 1, pos)
-    if len(records) != count or stop != len(payload):
-        raise CorruptRecordError(stop, "MSG: %d of %d records decoded" % (len(records), count))
+    if min_offset < 0:
+        raise ValueError("min_offset must be >= 0")
+    _, records = parse_messages(payload)
     out = []
     nxt = min_offset
     for off, ts, value in records:
