@@ -415,6 +415,89 @@ def test_parse_publish_errors(w):
     assert pp(b"\0\0" + u32(0)) == (b"", [], -1)
 
 
+
+# -- publish_records + records.stamp_records: the broker's publish path ---------
+
+# Sizes on both sides of the Cython twin's CRC-combination threshold (128).
+STAMP_MSGS = [b"", b"a", b"y" * 127, b"z" * 128, bytes(range(256)) * 4, b"\0" * 129, b"q" * 5000]
+
+
+def test_publish_records_then_stamp_equals_encode_records(w):
+    payload = raw_pub_payload(b"t\xc3\xa9", STAMP_MSGS)
+    topic, recs, count, bad = w.wire1.publish_records(payload)
+    assert (topic, count, bad) == (b"t\xc3\xa9", len(STAMP_MSGS), -1)
+    assert type(recs) is bytearray
+    # Before stamping: the layout of records, offset and time zero, and the
+    # message's own CRC in the CRC field.
+    pos = 0
+    for m in STAMP_MSGS:
+        assert recs[pos:pos + 24] == struct.pack(">IIQQ", 20 + len(m), zlib.crc32(m), 0, 0)
+        assert recs[pos + 24:pos + 24 + len(m)] == m
+        pos += 24 + len(m)
+    assert pos == len(recs)
+    got = w.records.stamp_records(recs, 1000, 1_700_000_000_123)
+    assert got == (len(STAMP_MSGS), 24 + len(STAMP_MSGS[-1]))
+    assert bytes(recs) == w.records.encode_records(STAMP_MSGS, 1000, 1_700_000_000_123)
+    assert bytes(recs) == bytes(raw_records_same_time(STAMP_MSGS, 1000, 1_700_000_000_123))
+
+
+def raw_records_same_time(msgs, base, ts):
+    out = b""
+    for i, m in enumerate(msgs):
+        tail = struct.pack(">QQ", base + i, ts) + m
+        out += struct.pack(">II", 20 + len(m), zlib.crc32(tail)) + tail
+    return out
+
+
+def test_publish_records_accepts_buffers_and_empty(w):
+    payload = raw_pub_payload(b"t", MSGS)
+    ref = w.wire1.publish_records(payload)
+    assert w.wire1.publish_records(bytearray(payload)) == ref
+    assert w.wire1.publish_records(memoryview(payload)) == ref
+    assert w.wire1.publish_records(b"\0\0" + u32(0)) == (b"", bytearray(), 0, -1)
+    assert w.records.stamp_records(bytearray(), 5, 6) == (0, 0)
+
+
+@pytest.mark.parametrize("bad_indexes,first", [({0: 1}, 0), ({2: 0}, 2), ({4: 5, 1: 9}, 1)])
+def test_publish_records_bad_crc_refuses_the_batch(w, bad_indexes, first):
+    payload = raw_pub_payload(b"t", MSGS, bad_indexes)
+    assert w.wire1.publish_records(payload) == (b"t", None, len(MSGS), first)
+
+
+def test_publish_records_same_errors_as_parse_publish(w):
+    samples = [b"\0", b"\0\x01t\0\0", b"\0\x01t" + u32(1) + b"1234567",
+               b"\0\x01t" + u32(0xFFFFFFFF) + b"\0" * 64,
+               b"\0\x01t" + u32(1) + struct.pack(">II", 9, 0) + b"abc",
+               b"\0\x01t" + u32(2) + struct.pack(">II", 5, zlib.crc32(b"abcde")) + b"abcde" + b"\0" * 7,
+               raw_pub_payload(b"t", [b"x"]) + b"abc"]
+    payload = raw_pub_payload(b"topic", [b"abc", b"", b"defgh"])
+    samples += [payload[:cut] for cut in range(len(payload))]
+    for sample in samples:
+        with pytest.raises(w.wire1.ProtocolError) as a:
+            w.wire1.parse_publish(sample)
+        with pytest.raises(w.wire1.ProtocolError) as b:
+            w.wire1.publish_records(sample)
+        assert str(a.value) == str(b.value)
+
+
+def test_stamp_records_refuses_what_does_not_tile(w):
+    recs = w.wire1.publish_records(raw_pub_payload(b"t", [b"abc", b"defg"]))[1]
+    for cut in range(1, len(recs)):
+        if cut == 27:  # a whole first record
+            assert w.records.stamp_records(bytearray(recs[:cut]), 0, 0) == (1, 27)
+            continue
+        with pytest.raises(ValueError, match="stamp_records"):
+            w.records.stamp_records(bytearray(recs[:cut]), 0, 0)
+    bad = bytearray(recs)
+    bad[0:4] = u32(19)  # below the minimum length
+    with pytest.raises(ValueError, match="bad record length at byte 0"):
+        w.records.stamp_records(bad, 0, 0)
+    with pytest.raises(ValueError):
+        w.records.stamp_records(bytearray(recs), -1, 0)
+    with pytest.raises(TypeError):
+        w.records.stamp_records(bytes(recs), 0, 0)  # must be writable
+
+
 # -- MSG ---------------------------------------------------------------------------
 
 VALUES = [b"m%d-" % i + b"x" * (i * 7) for i in range(10)]
@@ -660,6 +743,32 @@ def test_differential_encode_publish(twins, rid, topic, msgs):
     r = both(twins, "encode_publish", rid, topic, msgs)
     if r[0] == "ok":
         both(twins, "parse_publish", r[1][11:])
+
+
+
+@HYP
+@given(payload=st.one_of(pub_payloads(), st.binary(max_size=60)))
+def test_differential_publish_records(twins, payload):
+    r = both(twins, "publish_records", payload)
+    if r[0] == "ok" and r[1][1] is not None:
+        # Stamped, both twins' records are what encode_records makes.
+        c, py = twins
+        msgs = py.wire1.parse_publish(payload)[1]
+        for recs, records in ((bytearray(r[1][1]), c.records), (bytearray(r[1][1]), py.records)):
+            records.stamp_records(recs, 12345, 67890)
+            assert bytes(recs) == py.records.encode_records(msgs, 12345, 67890)
+
+
+@HYP
+@given(msgs=st.lists(st.binary(max_size=300), max_size=8),
+       base=st.integers(0, 1 << 62), ts=st.integers(0, 1 << 62))
+def test_differential_stamp_records_large_payloads(twins, msgs, base, ts):
+    c, py = twins
+    payload = raw_pub_payload(b"t", msgs)
+    a = c.wire1.publish_records(payload)[1]
+    b = py.wire1.publish_records(payload)[1]
+    assert c.records.stamp_records(a, base, ts) == py.records.stamp_records(b, base, ts)
+    assert a == b == c.records.encode_records(msgs, base, ts)
 
 
 @st.composite

@@ -24,7 +24,7 @@ import struct
 import zlib
 
 __all__ = [
-    "HEADER_SIZE", "CorruptRecordError", "encode_records", "scan_records",
+    "HEADER_SIZE", "CorruptRecordError", "encode_records", "stamp_records", "scan_records",
     "index_entries", "decode_records", "records_to_deliveries",
 ]
 
@@ -61,6 +61,40 @@ def encode_records(messages, base_offset: int, timestamp_ms: int) -> bytes:
         off += 1
     return b"".join(parts)
 
+
+def stamp_records(buf, base_offset: int, timestamp_ms: int):
+    """Finish records built by ``wire1.publish_records``, in place: ``(count, last_len)``.
+
+    ``buf`` (writable) holds records whose CRC field is the CRC-32 of the
+    record's payload alone. Each gets offset ``base_offset + i``, time
+    ``timestamp_ms`` and its real CRC (of offset, time and payload); the
+    result is byte for byte what :func:`encode_records` makes of the same
+    messages. ``last_len`` is the size of the last record, header included.
+    The Cython twin derives each CRC from the payload's with
+    ``crc32_combine`` instead of reading the payload again, so a wrong
+    payload CRC gives a wrong record CRC there (which the readers then
+    refuse): only buffers publish_records made and checked belong here,
+    and each is stamped once (stamping consumes the payload CRC).
+    Raises ValueError if the records do not tile ``buf`` exactly.
+    """
+    if base_offset < 0 or timestamp_ms < 0:
+        raise ValueError("offset and time must be >= 0")
+    end = len(buf)
+    pos = 0
+    off = base_offset
+    last = 0
+    while pos < end:
+        if end - pos < HEADER_SIZE:
+            raise ValueError("stamp_records: truncated record at byte %d" % pos)
+        length = _LEN.unpack_from(buf, pos)[0]
+        if length < _MIN_LENGTH or length > end - pos - 4:
+            raise ValueError("stamp_records: bad record length at byte %d" % pos)
+        _OFF_TIME.pack_into(buf, pos + 8, off, timestamp_ms)
+        _LEN.pack_into(buf, pos + 4, zlib.crc32(memoryview(buf)[pos + 8:pos + 4 + length]))
+        last = 4 + length
+        pos += last
+        off += 1
+    return off - base_offset, last
 
 def _check_start(start: int) -> None:
     # struct.unpack_from reads a negative offset from the end of the buffer

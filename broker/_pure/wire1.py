@@ -29,8 +29,8 @@ from .stream import ChunkedReader
 
 __all__ = [
     "V1Reader", "ProtocolError", "KINDS", "K_ERROR", "K_CLOSE", "K_UNKNOWN",
-    "encode", "pack_str", "read_str", "encode_publish", "parse_publish", "message_frame",
-    "parse_messages", "decode_messages",
+    "encode", "pack_str", "read_str", "encode_publish", "parse_publish", "publish_records",
+    "message_frame", "parse_messages", "decode_messages",
 ]
 
 # Frame kinds: the 3-byte type on the wire -> a small int in V1Reader events.
@@ -49,6 +49,7 @@ _U32 = struct.Struct(">I")
 _U16 = struct.Struct(">H")
 _HEAD = struct.Struct(">I3sI")
 _PUB_ITEM = struct.Struct(">II")
+_REC_HEAD = struct.Struct(">II")  # a record's length and CRC fields
 _unpack_u32 = _U32.unpack_from
 _unpack_u16 = _U16.unpack_from
 
@@ -187,6 +188,56 @@ def parse_publish(payload):
         raise ProtocolError("PUB: %d trailing bytes" % (end - pos))
     return topic, messages, bad
 
+
+def publish_records(payload):
+    """Turn a ``PUB`` payload straight into log records: ``(topic, records, count, bad_index)``.
+
+    The broker's publish path: where :func:`parse_publish` builds one bytes
+    object per message, this builds one ``bytearray`` holding ``count``
+    records in the segment format (``broker/_pure/records.py``), offsets
+    and times still zero and each CRC field holding the message's own
+    CRC-32 as the client sent it and this function checked it.
+    ``records.stamp_records`` gives them their offsets and times and turns
+    that CRC into the record's CRC on the disk thread.
+
+    ``bad_index`` is the first message whose CRC does not match (then
+    ``records`` is None: the batch is refused whole), else -1. A payload
+    that does not parse raises :class:`ProtocolError`, as
+    :func:`parse_publish` does.
+    """
+    topic, pos = read_str(payload, 0)
+    end = len(payload)
+    if end - pos < 4:
+        raise ProtocolError("PUB: missing message count")
+    count = _unpack_u32(payload, pos)[0]
+    pos += 4
+    if count > (end - pos) // 8:
+        raise ProtocolError("PUB: count %d does not fit the frame" % count)
+    first = pos
+    items = []
+    for _ in range(count):  # the layout first: the same errors as parse_publish
+        if end - pos < 8:
+            raise ProtocolError("PUB: truncated message header")
+        n, crc = _PUB_ITEM.unpack_from(payload, pos)
+        pos += 8
+        if end - pos < n:
+            raise ProtocolError("PUB: truncated message")
+        items.append((pos, n, crc))
+        pos += n
+    if pos != end:
+        raise ProtocolError("PUB: %d trailing bytes" % (end - pos))
+    out = bytearray((end - first) + (HEADER_SIZE - 8) * count)
+    view = memoryview(payload)
+    o = 0
+    for i, (pos, n, crc) in enumerate(items):
+        msg = view[pos:pos + n]
+        if zlib.crc32(msg) != crc:
+            return topic, None, count, i
+        _REC_HEAD.pack_into(out, o, HEADER_SIZE - 4 + n, crc)
+        o += HEADER_SIZE
+        out[o:o + n] = msg
+        o += n
+    return topic, out, count, -1
 
 def message_frame(buf, rid: int, topic, from_offset: int, end_offset: int, max_bytes: int):
     """A ``MSG`` frame of stored records, forwarded without re-encoding.

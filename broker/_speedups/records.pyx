@@ -12,7 +12,7 @@ compared exactly over the whole u64 range, however large or negative the
 Python ints passed in are.
 """
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport (
     PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
     PyBytes_GET_SIZE,
@@ -23,12 +23,14 @@ from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport UINT32_MAX, UINT64_MAX, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from ._zlib cimport crc32_update
+from ._zlib cimport (
+    CRC_NOGIL_THRESHOLD, crc32, crc32_apply_op, crc32_run, crc32_shift_op, crc32_update,
+)
 
 import struct
 
 __all__ = [
-    "HEADER_SIZE", "CorruptRecordError", "encode_records", "scan_records",
+    "HEADER_SIZE", "CorruptRecordError", "encode_records", "stamp_records", "scan_records",
     "index_entries", "decode_records", "records_to_deliveries",
 ]
 
@@ -177,6 +179,81 @@ cdef Py_ssize_t _put_record(unsigned char* p, Py_ssize_t pos, Py_ssize_t total,
         0, rec + RECORD_CRC_START, <size_t>(RECORD_HEADER_SIZE - RECORD_CRC_START + mlen)))
     return pos + RECORD_HEADER_SIZE + mlen
 
+
+cdef enum:
+    # Payloads shorter than this are hashed again rather than combined: a
+    # combination costs about as much as hashing ~100 bytes.
+    _COMBINE_MIN = 128
+
+
+cdef Py_ssize_t _stamp(unsigned char* p, Py_ssize_t end, uint64_t base, uint64_t ts,
+                       Py_ssize_t* last) noexcept nogil:
+    # Returns the number of records stamped, or -1 - position of a bad one.
+    cdef Py_ssize_t pos = 0, count = 0, n
+    cdef uint32_t length, tail, op = 0
+    cdef Py_ssize_t op_len = -1
+    cdef unsigned char* rec
+    while pos < end:
+        if end - pos < RECORD_HEADER_SIZE:
+            return -1 - pos
+        rec = p + pos
+        length = load_be32(rec)
+        if length < RECORD_MIN_LENGTH or <Py_ssize_t>length > end - pos - 4:
+            return -1 - pos
+        n = length - RECORD_MIN_LENGTH
+        store_be64(rec + 8, base + <uint64_t>count)
+        store_be64(rec + 16, ts)
+        if n >= _COMBINE_MIN:
+            # crc(offset + time + payload) from crc(payload), which the
+            # publisher sent and publish_records checked: no second pass.
+            if n != op_len:
+                op = crc32_shift_op(<uint64_t>n)
+                op_len = n
+            tail = <uint32_t>crc32(0, rec + RECORD_CRC_START, 16)
+            store_be32(rec + 4, crc32_apply_op(op, tail, load_be32(rec + 4)))
+        else:
+            store_be32(rec + 4, <uint32_t>crc32_run(0, rec + RECORD_CRC_START, 16 + <size_t>n))
+        last[0] = 4 + length
+        pos += 4 + length
+        count += 1
+    return count
+
+
+def stamp_records(buf, base_offset, timestamp_ms):
+    """Finish ``wire1.publish_records`` records in place: ``(count, last_len)``.
+
+    See the pure twin. Each record CRC is combined from the payload CRC in
+    the CRC field (zlib's crc32_combine, written out in _zlib.pxd), so the
+    payload is not read again; the GIL is released over large buffers.
+    """
+    cdef Py_buffer view
+    cdef Py_ssize_t got, last = 0
+    cdef uint64_t base, ts
+    if base_offset < 0 or timestamp_ms < 0:
+        raise ValueError("offset and time must be >= 0")
+    _u64_field(base_offset, &base)
+    _u64_field(timestamp_ms, &ts)
+    try:
+        PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+    except BufferError:  # struct.pack_into's error in the pure twin
+        raise TypeError("argument must be read-write bytes-like object, not %s"
+                        % type(buf).__name__) from None
+    try:
+        if <uint64_t>(view.len // RECORD_HEADER_SIZE) > UINT64_MAX - base:
+            raise struct.error("argument out of range")
+        if view.len > CRC_NOGIL_THRESHOLD:
+            with nogil:
+                got = _stamp(<unsigned char*>view.buf, view.len, base, ts, &last)
+        else:
+            got = _stamp(<unsigned char*>view.buf, view.len, base, ts, &last)
+    finally:
+        PyBuffer_Release(&view)
+    if got < 0:
+        pos = -1 - got
+        if view.len - pos < RECORD_HEADER_SIZE:
+            raise ValueError("stamp_records: truncated record at byte %d" % pos)
+        raise ValueError("stamp_records: bad record length at byte %d" % pos)
+    return got, last
 
 def scan_records(buf, expected_offset, start=0):
     """Validate records from ``start``; stop at the first invalid one.

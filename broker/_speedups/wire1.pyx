@@ -10,13 +10,15 @@ copying every delivered record) runs in C, once per frame for Python.
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.bytearray cimport (
+    PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_GET_SIZE,
+)
 from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.ref cimport Py_INCREF
 from libc.stdint cimport uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
-from ._zlib cimport crc32_update
+from ._zlib cimport CRC_NOGIL_THRESHOLD, crc32_run, crc32_update
 from .records cimport (
     RECORD_HEADER_SIZE, RECORD_MIN_LENGTH, RecordHeader, crc_matches, load_be32,
     read_header, store_be32, store_be64,
@@ -26,8 +28,8 @@ from .records import CorruptRecordError, decode_records
 
 __all__ = [
     "V1Reader", "ProtocolError", "KINDS", "K_ERROR", "K_CLOSE", "K_UNKNOWN",
-    "encode", "pack_str", "read_str", "encode_publish", "parse_publish", "message_frame",
-    "parse_messages", "decode_messages",
+    "encode", "pack_str", "read_str", "encode_publish", "parse_publish", "publish_records",
+    "message_frame", "parse_messages", "decode_messages",
 ]
 
 KINDS = {
@@ -324,6 +326,74 @@ def parse_publish(payload):
     finally:
         PyBuffer_Release(&view)
 
+
+cdef Py_ssize_t _copy_records(const unsigned char* p, Py_ssize_t pos, uint32_t count,
+                              unsigned char* o) noexcept nogil:
+    # PUB items at p + pos (layout already checked) -> records at o.
+    # Returns the index of the first message whose CRC is wrong, or -1.
+    cdef uint32_t i, n, crc
+    for i in range(count):
+        n = load_be32(p + pos)
+        crc = load_be32(p + pos + 4)
+        pos += 8
+        if <uint32_t>crc32_run(0, p + pos, n) != crc:
+            return i
+        store_be32(o, <uint32_t>(RECORD_MIN_LENGTH + n))
+        store_be32(o + 4, crc)
+        memset(o + 8, 0, 16)
+        memcpy(o + RECORD_HEADER_SIZE, p + pos, n)
+        o += RECORD_HEADER_SIZE + n
+        pos += n
+    return -1
+
+
+def publish_records(payload):
+    """Turn a ``PUB`` payload straight into log records (see the pure twin)."""
+    cdef Py_buffer view
+    cdef const unsigned char* p
+    cdef Py_ssize_t end, pos, first, n, bad
+    cdef uint32_t count, i
+    cdef bytes topic
+    cdef bytearray out
+    cdef unsigned char* o
+    PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+    try:
+        p = <const unsigned char*>view.buf
+        end = view.len
+        pos = _str_end(p, end)
+        topic = PyBytes_FromStringAndSize(<const char*>p + 2, pos - 2)
+        if end - pos < 4:
+            raise ProtocolError("PUB: missing message count")
+        count = load_be32(p + pos)
+        pos += 4
+        if count > <uint32_t>((end - pos) // 8):
+            raise ProtocolError("PUB: count %d does not fit the frame" % count)
+        first = pos
+        for i in range(count):  # the layout first: the same errors as parse_publish
+            if end - pos < 8:
+                raise ProtocolError("PUB: truncated message header")
+            n = load_be32(p + pos)
+            pos += 8
+            if end - pos < n:
+                raise ProtocolError("PUB: truncated message")
+            pos += n
+        if pos != end:
+            raise ProtocolError("PUB: %d trailing bytes" % (end - pos))
+        out = PyByteArray_FromStringAndSize(NULL, (end - first)
+                                            + (RECORD_HEADER_SIZE - 8) * <Py_ssize_t>count)
+        # One pass: check each message's CRC and copy it behind its record
+        # header. The output is private and the payload held: no GIL needed.
+        o = <unsigned char*>PyByteArray_AS_STRING(out)
+        if end - first > CRC_NOGIL_THRESHOLD:
+            with nogil:
+                bad = _copy_records(p, first, count, o)
+        else:
+            bad = _copy_records(p, first, count, o)
+        if bad >= 0:
+            return topic, None, count, bad
+        return topic, out, count, -1
+    finally:
+        PyBuffer_Release(&view)
 
 def message_frame(buf, rid, topic, from_offset, end_offset, max_bytes):
     """A ``MSG`` frame of stored records, forwarded without re-encoding."""

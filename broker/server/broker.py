@@ -171,13 +171,15 @@ class Broker:
             self._topics[name] = topic
         return topic
 
-    def publish(self, topic: TopicLog, messages: list, nbytes: int, transport,
-                on_stored=None) -> None:
-        """Queue a batch for ``topic``; see :meth:`DiskWriter.append`."""
-        topic.next_offset += len(messages)
-        self.counters["messages_in"] += len(messages)
-        self.topic_in[topic.name] += len(messages)
-        self.writer.append(topic, messages, nbytes, transport, on_stored)
+    def publish(self, topic: TopicLog, messages, nbytes: int, transport,
+                on_stored=None, count: int | None = None) -> None:
+        """Queue a batch for ``topic``: messages, or ``count`` records; see :meth:`DiskWriter.append`."""
+        if count is None:
+            count = len(messages)
+        topic.next_offset += count
+        self.counters["messages_in"] += count
+        self.topic_in[topic.name] += count
+        self.writer.append(topic, messages, nbytes, transport, on_stored, count)
 
     def commit_offset(self, client_id: bytes, topic: str, offset: int) -> None:
         offsets = self.store.offsets

@@ -209,11 +209,13 @@ class V1Handlers:
         self._v1_reply(rid)
 
     def _v1_pub(self, rid: int, payload: bytes, nbytes: int) -> None:
-        name, messages, bad = wire1.parse_publish(payload)
+        # Straight to log records: one pass checks each CRC and copies the
+        # message once; the disk thread stamps offsets and times.
+        name, batch, count, bad = wire1.publish_records(payload)
         if bad >= 0:
             self.broker.counters["bad_crc"] += 1
             self._v1_error(rid, ErrorCode.BAD_CRC,
-                           "CRC mismatch in message %d; batch of %d not stored" % (bad, len(messages)))
+                           "CRC mismatch in message %d; batch of %d not stored" % (bad, count))
             return
         topic = self._v1_topic(rid, name, self.user.may_publish)
         if topic is None:
@@ -223,7 +225,7 @@ class V1Handlers:
         # no disk at all: each PUB takes a slot in a per-connection queue,
         # filled with its reply when stored, written once it is at the front.
         queue = self._v1_acks
-        if not messages:
+        if not count:
             reply = wire1.encode(b"ACK", rid, _ACK.pack(topic.next_offset, 0))
             if queue:
                 queue.append([reply])
@@ -243,7 +245,7 @@ class V1Handlers:
                 slot[0] = wire1.encode(b"ERR", rid, _ERR.pack(ErrorCode.STORAGE_ERROR) + text)
             conn._v1_flush_acks()
 
-        self.broker.publish(topic, messages, nbytes or len(payload), self, on_stored)
+        self.broker.publish(topic, batch, nbytes or len(payload), self, on_stored, count)
 
     def _v1_flush_acks(self) -> None:
         queue = self._v1_acks

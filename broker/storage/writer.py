@@ -77,7 +77,7 @@ class _Job:
                  "results", "errors", "call_results")
 
     def __init__(self, appends, acks, offsets, deletes, calls, checkpoint: bool) -> None:
-        self.appends = appends      # [(TopicLog, messages, base_offset)]
+        self.appends = appends      # [(TopicLog, [(messages or records, count)], base_offset, count)]
         self.acks = acks            # [(callback, TopicLog, base_offset, count)] to call when done
         self.offsets = offsets      # {(client_id, topic): offset} to persist
         self.deletes = deletes      # [(directory, [Segment])] dropped by retention
@@ -157,9 +157,13 @@ class DiskWriter:
     def pending_bytes(self) -> int:
         return self._pending_bytes
 
-    def append(self, topic: TopicLog, messages: list, nbytes: int, transport=None,
-               on_stored: Callable | None = None) -> None:
-        """Queue ``messages`` (a list of bytes) for ``topic``.
+    def append(self, topic: TopicLog, messages, nbytes: int, transport=None,
+               on_stored: Callable | None = None, count: int | None = None) -> None:
+        """Queue ``messages`` for ``topic``: a list of bytes, or records.
+
+        Records are a ``bytearray`` made by ``wire1.publish_records``
+        (``count`` of them), which the disk thread finishes in place with
+        ``records.stamp_records``: no message is copied or hashed again.
 
         ``nbytes`` is their size as the caller measured it (per batch, not
         per message). If the backlog is over the high-water mark and a
@@ -169,7 +173,7 @@ class DiskWriter:
         ``always``), with the offset of its first message, or with
         ``base_offset=None`` and the OSError if it could not be stored.
         """
-        entry = (messages, on_stored)
+        entry = (messages, len(messages) if count is None else count, on_stored)
         lists = self._pending.get(topic)
         if lists is None:
             self._pending[topic] = [entry]
@@ -283,19 +287,15 @@ class DiskWriter:
         appends = []
         acks = []
         for topic, entries in self._pending.items():
-            base = topic.end_offset
-            if len(entries) == 1:
-                msgs = entries[0][0]
-            else:
-                msgs = []
-                for lst, _ in entries:
-                    msgs.extend(lst)
-            start = base
-            for lst, cb in entries:
+            base = start = topic.end_offset
+            parts = []
+            for part, count, cb in entries:
                 if cb is not None:
-                    acks.append((cb, topic, start, len(lst)))
-                start += len(lst)
-            appends.append((topic, msgs, base))
+                    acks.append((cb, topic, start, count))
+                start += count
+                if count:
+                    parts.append((part, count))
+            appends.append((topic, parts, base, start - base))
         self._pending = {}
         self._job_bytes = self._pending_bytes
         deletes, self._deletes = self._deletes, []
@@ -319,8 +319,8 @@ class DiskWriter:
         if len(stored) + len(errors) < len(job.appends):
             # The disk thread failed before reaching some topics: not stored.
             seen = stored.union(t for t, _c, _e in errors)
-            errors = errors + [(t, len(msgs), RuntimeError("disk thread error; not stored"))
-                               for t, msgs, _b in job.appends if msgs and t not in seen]
+            errors = errors + [(t, n, RuntimeError("disk thread error; not stored"))
+                               for t, _p, _b, n in job.appends if n and t not in seen]
         failed = {}
         for topic, count, exc in errors:
             failed[topic] = exc
@@ -438,27 +438,27 @@ class DiskWriter:
         now_ms = int(self._clock() * 1000)
         stats = self.stats
         synced_now = []  # fsync=always topics: fsynced before the job is reported
-        for topic, msgs, base in job.appends:
-            if not msgs:
+        for topic, parts, base, count in job.appends:
+            if not count:
                 continue
             # Append times never go backwards within a topic, so time
             # lookups can binary-search (the wall clock may step back).
             ts = topic.last_time if topic.last_time > now_ms else now_ms
             try:
-                buf = records.encode_records(msgs, base, ts)
-                result = topic.append(buf, len(msgs), ts, _RECORD_OVERHEAD + len(msgs[-1]))
+                buf, last_len = _records(parts, base, ts)
+                result = topic.append(buf, count, ts, last_len)
             except Exception as exc:  # OSError above all; anything else is refused too
                 if not isinstance(exc, OSError):
                     log.exception("append to topic %s failed", topic.name)
-                job.errors.append((topic, len(msgs), exc))
+                job.errors.append((topic, count, exc))
                 continue
             self._changed = True
             stats["batches"] += 1
-            stats["messages"] += len(msgs)
+            stats["messages"] += count
             stats["bytes"] += len(buf)
             policy = topic.config.fsync
             if policy == "always":
-                synced_now.append((topic, result, len(msgs)))
+                synced_now.append((topic, result, count))
                 continue
             job.results.append((topic, result))
             if policy == "interval":
@@ -592,3 +592,26 @@ class DiskWriter:
 
 def _noop() -> None:
     return None
+
+
+def _records(parts: list, base: int, ts: int):
+    """Disk thread: one topic's parts of a job as log records, ``(buf, last_len)``.
+
+    A part is a list of messages (v0 publishes), encoded here, or records
+    from ``wire1.publish_records`` (v1), finished in place. One codec call
+    per part; several parts are joined for a single write.
+    """
+    bufs = []
+    off = base
+    last_len = 0
+    for part, count in parts:
+        if type(part) is bytearray:
+            got, last_len = records.stamp_records(part, off, ts)
+            if got != count:
+                raise RuntimeError("records batch holds %d records, not %d" % (got, count))
+            bufs.append(part)
+        else:
+            bufs.append(records.encode_records(part, off, ts))
+            last_len = _RECORD_OVERHEAD + len(part[-1])
+        off += count
+    return (bufs[0] if len(bufs) == 1 else b"".join(bufs)), last_len
