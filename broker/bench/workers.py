@@ -44,6 +44,9 @@ _TS = struct.Struct(">q")
 _ts_of = _TS.unpack_from
 
 
+_TICK = 0.001  # s: the paced producer's shortest sleep
+
+
 def raise_nofile(want: int = 0) -> tuple[int, int]:
     """Raise this process's soft RLIMIT_NOFILE up to the hard limit; ``(soft, hard)``."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -411,7 +414,10 @@ async def _produce(ctx: _Ctx, driver, clients: list) -> None:
                 sent += due
                 if not duration:
                     quota[0] -= due
-            next_at = t0 + (sent + 1) / per_client_rate
+            # Ticks of at least 1 ms: the loop's timers have millisecond
+            # resolution, so shorter sleeps would spin (and the producer's
+            # CPU, not the broker, would set the latency).
+            next_at = max(t0 + (sent + 1) / per_client_rate, now + _TICK)
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
         if tasks:
             await asyncio.gather(*tasks)

@@ -394,6 +394,20 @@ class TopicLog:
         """Disk thread: the active segment was just fsynced up to its size."""
         self.durable = self._entry()
 
+    def active_entry(self) -> CheckpointEntry:
+        """Disk thread: the active segment's state now (for a background fsync)."""
+        return self._entry()
+
+    def note_durable(self, entry: CheckpointEntry) -> None:
+        """Disk thread: a background fsync covered ``entry`` (taken before it began).
+
+        An older entry than the one already durable is ignored: rounds
+        finish in order, but the disk thread syncs by itself too.
+        """
+        cur = self.durable
+        if cur is None or (entry.base_offset, entry.size) > (cur.base_offset, cur.size):
+            self.durable = entry
+
     def _entry(self) -> CheckpointEntry:
         seg = self.active
         return CheckpointEntry(seg.base_offset, seg.size, seg.end_offset, seg.last_pos,

@@ -174,6 +174,10 @@ class OffsetStore:
         if self._fd >= 0:
             os.fsync(self._fd)
 
+    def dup_fd(self) -> int:
+        """A private descriptor of the journal for a background fsync, or -1."""
+        return os.dup(self._fd) if self._fd >= 0 else -1
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

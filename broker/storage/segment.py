@@ -469,6 +469,11 @@ class Segment:
         self._wfds()
         os.fsync(self.fd)
 
+    def dup_fd(self) -> int:
+        """Disk thread: a private descriptor of the log file, for a background fsync."""
+        self._wfds()
+        return os.dup(self.fd)
+
     def seal(self) -> None:
         """Disk thread: the segment stops being the active one.
 

@@ -221,13 +221,21 @@ class LogStore:
         fsynced at (see :meth:`TopicLog.checkpoint_entry`). ``clean`` says
         every topic was fsynced to its end just before.
         """
-        topics = _snapshot(self.topics)
+        checkpoint.write(self.data_dir, self.checkpoint_entries(), clean,
+                         int(self.clock() * 1000))
+        self._clean = clean
+
+    def checkpoint_entries(self) -> dict:
+        """Disk thread: each topic's checkpoint entry (see :meth:`write_checkpoint`)."""
         entries = {}
-        for topic in topics:
+        for topic in _snapshot(self.topics):
             entry = topic.checkpoint_entry()
             if entry is not None:
                 entries[topic.name] = entry
-        checkpoint.write(self.data_dir, entries, clean, int(self.clock() * 1000))
+        return entries
+
+    def note_checkpoint(self, clean: bool) -> None:
+        """A checkpoint is being written elsewhere (the writer's syncer thread)."""
         self._clean = clean
 
     def close(self, *, checkpoint: bool = True) -> None:

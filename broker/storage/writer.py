@@ -24,14 +24,18 @@ Durability, per topic (``TopicLog.config.fsync``, broker default in
   was being written shares that one fsync.
 - ``interval``: written data is fsynced at most ``fsync_interval_ms``
   after it was written (a timer on the disk thread's queue wait, never a
-  sleep); it is visible and acknowledged once written.
+  sleep); it is visible and acknowledged once written. These fsyncs, and
+  the periodic checkpoint, run on a second thread (the syncer) on
+  duplicated descriptors: an fsync can take tens of milliseconds, and the
+  disk thread keeps writing meanwhile, so it never shows up as latency.
 - ``never``: the OS writes back when it likes; fsynced at shutdown only.
 
 Whatever the policy, a segment is fsynced when it is sealed (rolled), and
-everything is fsynced at a clean shutdown. After fsyncs, at most every
-``checkpoint_interval_ms``, the disk thread writes the recovery checkpoint
-(``broker/storage/checkpoint.py``); at a clean shutdown it writes a final
-one marked clean.
+everything is fsynced at a clean shutdown. At most every
+``checkpoint_interval_ms`` the syncer writes the recovery checkpoint
+(``broker/storage/checkpoint.py``), claiming for each topic only what an
+fsync has covered; at a clean shutdown the disk thread writes a final one
+marked clean.
 
 Retention runs on a loop timer: it drops expired segments from their topics
 (in the loop, so no reader can reach them any more) and hands their files
@@ -47,7 +51,9 @@ below ``append_low_water``. Disk calls (:meth:`DiskWriter.run`) are capped.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import os
 import queue
 import threading
 import time
@@ -55,6 +61,7 @@ from typing import Callable
 
 from ..codec import records
 from ..histogram import Histogram
+from . import checkpoint as checkpoint_file
 from .fileio import fsync_dir
 from .log import TopicLog
 from .offsets import OffsetStore
@@ -68,6 +75,7 @@ _STOP = object()
 _RECORD_OVERHEAD = 24     # record header bytes per message (broker/_pure/records.py)
 _MAX_CALLS = 256          # disk calls waiting for the disk thread, at most
 _RETENTION_SLICE = 256    # topics checked per loop callback by the retention timer
+_SYNC_RETRY = 0.01        # s: look again this soon when the syncer is still busy
 
 
 class _Job:
@@ -135,6 +143,12 @@ class DiskWriter:
         self._last_checkpoint = time.monotonic()
         self._clean_stop = True                      # close(): sync and write a clean checkpoint
         self._thread = threading.Thread(target=self._run, name="pylogstreams-disk", daemon=True)
+        # The syncer: background fsyncs and checkpoints (see the module doc).
+        self._sync_queue: queue.Queue = queue.Queue(maxsize=1)  # one round at a time
+        self._sync_results: collections.deque = collections.deque()  # rounds done, to apply
+        self._sync_busy = False                      # a round is with the syncer (disk thread)
+        self._syncer = threading.Thread(target=self._run_syncer, name="pylogstreams-sync",
+                                        daemon=True)
         self.stats = store.stats if store is not None else {}
         for key in ("batches", "messages", "bytes", "fsyncs", "fsync_errors", "write_errors",
                     "segments_deleted", "bytes_deleted", "checkpoints", "checkpoint_errors",
@@ -142,6 +156,7 @@ class DiskWriter:
             self.stats.setdefault(key, 0)
 
     def start(self) -> None:
+        self._syncer.start()
         self._thread.start()
         if self._store is not None and self._retention_every > 0:
             self._retention_handle = self._loop.call_soon(self._retention_tick)
@@ -404,6 +419,8 @@ class DiskWriter:
             if job is _STOP:
                 if self._clean_stop:
                     self._stop_work()
+                else:
+                    self._stop_syncer()
                 return
             try:
                 self._write(job)
@@ -425,14 +442,45 @@ class DiskWriter:
         return None if due == float("inf") else due
 
     def _timed_work(self) -> None:
+        self._apply_synced()
         now = time.monotonic()
+        ckpt = (self._changed and self._store is not None
+                and now >= self._last_checkpoint + self._checkpoint_every)
+        if now < self._sync_due and not ckpt:
+            return
+        if self._sync_busy:
+            # The previous round's fsyncs are still running (a slow disk):
+            # look again shortly; what is dirty stays dirty.
+            self._sync_due = min(self._sync_due, now + _SYNC_RETRY)
+            return
+        items = []
         if now >= self._sync_due:
-            self._sync()
-        if (self._changed and self._store is not None
-                and now >= self._last_checkpoint + self._checkpoint_every):
-            if self._dirty:
-                self._sync()  # the checkpoint then covers everything written
-            self._write_checkpoint(clean=False)
+            dirty, self._dirty = self._dirty, {}
+            self._sync_due = float("inf")
+            for item in dirty:
+                try:
+                    if isinstance(item, TopicLog):
+                        items.append((item, item.active.dup_fd(), item.active_entry()))
+                    else:
+                        fd = item.dup_fd()
+                        if fd >= 0:
+                            items.append((item, fd, None))
+                except OSError as exc:  # EMFILE...: sync it here instead
+                    log.warning("background fsync unavailable (%s); syncing now", exc)
+                    self._dirty[item] = now
+                    self._sync()
+        checkpoint = None
+        if ckpt:
+            # What the fsyncs so far have covered (durable entries), not
+            # what this round will: recovery scans the rest.
+            checkpoint = (self._store.data_dir, self._store.checkpoint_entries(),
+                          int(self._clock() * 1000))
+            self._store.note_checkpoint(clean=False)
+            self._changed = False
+            self._last_checkpoint = now
+        if items or checkpoint:
+            self._sync_busy = True
+            self._sync_queue.put((items, checkpoint))
 
     def _write(self, job: _Job) -> None:
         now_ms = int(self._clock() * 1000)
@@ -513,6 +561,63 @@ class DiskWriter:
             self._sync(everything=True)
             self._write_checkpoint(clean=False)
 
+    # -- syncer thread --------------------------------------------------------
+
+    def _run_syncer(self) -> None:
+        q = self._sync_queue
+        while True:
+            work = q.get()
+            if work is _STOP:
+                return
+            items, checkpoint = work
+            done = []
+            for item, fd, entry in items:
+                started = time.perf_counter()
+                try:
+                    os.fsync(fd)
+                    done.append((item, entry, time.perf_counter() - started, None))
+                except OSError as exc:
+                    done.append((item, None, 0.0, exc))
+                finally:
+                    os.close(fd)
+            ckpt_error = None
+            if checkpoint is not None:
+                try:
+                    checkpoint_file.write(checkpoint[0], checkpoint[1], False, checkpoint[2])
+                except OSError as exc:
+                    ckpt_error = exc
+            self._sync_results.append((done, checkpoint is not None, ckpt_error))
+            q.task_done()
+
+    def _apply_synced(self) -> None:
+        """Disk thread: take in what the syncer finished."""
+        results = self._sync_results
+        while results:
+            done, checkpointed, ckpt_error = results.popleft()
+            self._sync_busy = False
+            for item, entry, seconds, exc in done:
+                if exc is not None:
+                    # Already acknowledged: all we can do is say so loudly.
+                    self.stats["fsync_errors"] += 1
+                    log.error("fsync failed: %s", exc)
+                    continue
+                self.fsync_histogram.observe(seconds)
+                self.stats["fsyncs"] += 1
+                if entry is not None:
+                    item.note_durable(entry)
+            if checkpointed:
+                if ckpt_error is None:
+                    self.stats["checkpoints"] += 1
+                else:
+                    self.stats["checkpoint_errors"] += 1
+                    log.error("could not write the recovery checkpoint: %s", ckpt_error)
+
+    def _syncer_idle(self) -> None:
+        """Disk thread: wait for the syncer's round in progress, if any."""
+        if self._sync_busy:
+            self._sync_queue.join()
+            self._apply_synced()
+
     def _mark_dirty(self, item, interval: float) -> None:
         if item not in self._dirty:
             due = time.monotonic() + interval
@@ -521,7 +626,9 @@ class DiskWriter:
                 self._sync_due = due
 
     def _sync(self, everything: bool = False) -> None:
-        """fsync what waits for it (``everything``: fsync=never topics too)."""
+        """fsync what waits for it (``everything``: fsync=never topics too), here and now."""
+        if everything:
+            self._syncer_idle()
         dirty, self._dirty = self._dirty, {}
         self._sync_due = float("inf")
         items = list(dirty)
@@ -547,6 +654,7 @@ class DiskWriter:
         store = self._store
         if store is None:
             return
+        self._syncer_idle()  # its checkpoint, if it has one going, is older
         try:
             store.write_checkpoint(clean=clean)
             self.stats["checkpoints"] += 1
@@ -573,8 +681,15 @@ class DiskWriter:
             except OSError as exc:
                 log.error("could not fsync %s: %s", directory, exc)
 
+    def _stop_syncer(self) -> None:
+        if self._syncer.is_alive():
+            self._sync_queue.put(_STOP)
+            self._syncer.join()
+        self._apply_synced()
+
     def _stop_work(self) -> None:
         """Clean shutdown: fsync everything, then the clean checkpoint."""
+        self._stop_syncer()
         if self._offsets_retry:
             try:
                 self._offsets.write(self._offsets_retry)
