@@ -56,6 +56,10 @@ def main() -> None:
 @click.option("--retention-bytes", envvar="PYLOGSTREAMS_RETENTION_BYTES", type=click.IntRange(-1),
               default=_DEFAULTS.retention_bytes, show_default=True, show_envvar=True,
               help="Default for every topic: keep it at most this big (-1: no limit).")
+@click.option("--tail-cache-bytes", envvar="PYLOGSTREAMS_TAIL_CACHE_BYTES", type=click.IntRange(0),
+              default=_DEFAULTS.tail_cache_bytes, show_default=True, show_envvar=True,
+              help="Memory for the newest batches, served to consumers that keep up without "
+                   "reading the disk (0: off).")
 @click.option("--max-connections", envvar="PYLOGSTREAMS_MAX_CONNECTIONS", type=click.IntRange(1),
               default=_DEFAULTS.max_connections, show_default=True, show_envvar=True,
               help="Connections at once; more are closed on accept.")

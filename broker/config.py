@@ -35,6 +35,9 @@ class Config:
     write_high_water: int = 1024 * 1024
     write_low_water: int = 256 * 1024
     delivery_chunk_bytes: int = 256 * 1024  # bytes read from the log per delivery step
+    # The newest record batches, kept in memory for consumers that keep up
+    # (broker/storage/tailcache.py); broker-wide, 0 turns it off.
+    tail_cache_bytes: int = 32 * 1024 * 1024
     # Storage (docs/storage.md). Retention and fsync settings are per-topic
     # defaults: LogStore.set_topic_config overrides them for one topic.
     retention_ms: int = 7 * 24 * 3600 * 1000  # delete sealed segments older than this; -1: never
@@ -78,5 +81,7 @@ class Config:
                      "max_subscriptions"):
             if getattr(self, name) < 1:
                 raise ValueError("%s must be at least 1" % name)
+        if self.tail_cache_bytes < 0:
+            raise ValueError("tail_cache_bytes must be >= 0")
         if self.read_timeout <= 0:
             raise ValueError("read_timeout must be positive")

@@ -100,7 +100,7 @@ def decoder(rec=None):
     """A ``TopicLog.read`` converter yielding ``[(offset, time_ms, payload)]``."""
     rec = rec or records_module()
 
-    def convert(buf, from_offset, end_offset, max_bytes):
+    def convert(buf, from_offset, end_offset, max_bytes, verify=True):
         recs, used = rec.decode_records(buf, from_offset, end_offset)
         nxt = recs[-1][0] + 1 if recs else from_offset
         return recs, len(recs), nxt, used

@@ -731,6 +731,16 @@ def test_records_to_deliveries_corruption(codec):
         r.records_to_deliveries(bytes(buf), b"t", 10, 100, 1)
     with pytest.raises(ValueError):
         r.records_to_deliveries(bytes(buf), b"t", 10, 100, 1, -1)
+    # verify=False (the broker's own batches in memory) skips the CRC only:
+    # the record goes out as it is; lengths are still checked.
+    out = r.records_to_deliveries(bytes(buf), b"t", 10, 100, 1 << 20, 0, False)
+    assert out[1:] == (3, 13, len(buf))
+    assert out[0] == b"".join(len(b"t " + m).to_bytes(4, "big") + b"t " + m
+                              for m in (b"a", b"b" + bytes([ord("b") ^ 1]), b"ccc"))
+    short = bytearray(buf)
+    short[0:4] = (19).to_bytes(4, "big")
+    with pytest.raises(r.CorruptRecordError, match="below minimum"):
+        r.records_to_deliveries(bytes(short), b"t", 10, 100, 1 << 20, 0, False)
 
 
 def test_records_to_deliveries_matches_encode_deliveries(codec):

@@ -190,6 +190,36 @@ def test_reader_accepts_buffers(w, wrap):
         assert type(payload) is bytes
 
 
+def test_reader_large_frames_any_chunking(w):
+    """Frames over 64 KiB (which the Cython twin fills in place) in any pieces."""
+    rnd = random.Random(7)
+    sizes = [70_000, 5, 65_536, 200_000, 0, 65_529, 1_000_000 - 11]
+    frames, expected = [], []
+    for i, n in enumerate(sizes):
+        payload = bytes(rnd.getrandbits(8) for _ in range(64)) * (n // 64) + b"z" * (n % 64)
+        kind = [b"PUB", b"PNG", b"SUB"][i % 3]
+        frames.append(raw_frame(kind, i + 1, payload))
+        expected.append((KIND_CODES[kind], i + 1, payload))
+    frames.append(raw_frame(b"QQQ", 99, b"u" * 100_000))  # unknown kind, large
+    expected.append((30, 99, b"QQQ"))
+    stream = b"".join(frames)
+    for trial in range(6):
+        reader = w.wire1.V1Reader(1 << 20)
+        out, pos = [], 0
+        while pos < len(stream):
+            step = rnd.choice([1, 7, 11, 12, 4096, 65_536, 300_000]) if trial else len(stream)
+            chunk = stream[pos:pos + step]
+            got = reader.feed(chunk if trial % 2 else bytearray(chunk))
+            assert all(type(p) in (bytes, str) for _k, _r, p in got)
+            out.extend(got)
+            pos += len(chunk)
+            # What is held is exactly the unconsumed tail of the stream.
+            consumed = sum(4 + 7 + (len(p) if k != 30 else 100_000) for k, _r, p in out)
+            assert reader.buffered == pos - consumed
+        assert out == expected
+        assert reader.buffered == 0
+
+
 def test_reader_partial_frame_is_buffered(w):
     f = raw_frame(b"PNG", 9, b"abc")
     r = w.wire1.V1Reader()
@@ -577,6 +607,9 @@ def test_message_frame_corrupt_record(w, index):
     if index < 9:
         with pytest.raises(w.records.CorruptRecordError):
             w.wire1.message_frame(bytes(buf), 1, b"t", BASE + 9, 1 << 62, 1 << 20)
+    # verify=False (batches the broker holds in memory): forwarded unchecked.
+    frame, count, nxt, used = w.wire1.message_frame(bytes(buf), 1, b"t", BASE, 1 << 62, 1 << 20, False)
+    assert (count, nxt, used) == (10, BASE + 10, len(buf)) and frame.endswith(bytes(buf))
 
 
 def test_message_frame_short_length(w):

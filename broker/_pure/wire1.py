@@ -239,12 +239,15 @@ def publish_records(payload):
         o += n
     return topic, out, count, -1
 
-def message_frame(buf, rid: int, topic, from_offset: int, end_offset: int, max_bytes: int):
+def message_frame(buf, rid: int, topic, from_offset: int, end_offset: int, max_bytes: int,
+                  verify: bool = True):
     """A ``MSG`` frame of stored records, forwarded without re-encoding.
 
     ``buf`` is a chunk read from the log at a record boundary. Records with
     ``from_offset <= offset < end_offset`` are checked (CRC, length) and
     copied as they are, up to ``max_bytes`` (at least one is taken).
+    ``verify=False`` skips the CRC check, as in
+    ``records.records_to_deliveries`` (records the broker holds in memory).
     Returns ``(frame, count, next_offset, used)`` like
     ``records.records_to_deliveries`` (frame is ``b""`` when count is 0).
     """
@@ -261,7 +264,7 @@ def message_frame(buf, rid: int, topic, from_offset: int, end_offset: int, max_b
             raise CorruptRecordError(pos, "length %d below minimum" % length)
         if length > end - pos - 4 or off >= end_offset:
             break
-        if zlib.crc32(memoryview(buf)[pos + 8:pos + 4 + length]) != crc:
+        if verify and zlib.crc32(memoryview(buf)[pos + 8:pos + 4 + length]) != crc:
             raise CorruptRecordError(pos, "checksum mismatch")
         if off >= from_offset:
             if first < 0:

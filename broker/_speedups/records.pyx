@@ -417,7 +417,7 @@ def decode_records(buf, from_offset, end_offset, start=0):
         PyBuffer_Release(&view)
 
 
-def records_to_deliveries(buf, topic, from_offset, end_offset, max_bytes, start=0):
+def records_to_deliveries(buf, topic, from_offset, end_offset, max_bytes, start=0, verify=True):
     """Turn stored records into v0 delivery frames, verifying each CRC.
 
     Like :func:`decode_records`, but the output is the bytes to write to a
@@ -441,6 +441,7 @@ def records_to_deliveries(buf, topic, from_offset, end_offset, max_bytes, start=
     cdef uint64_t last = 0
     cdef bytes out
     cdef Py_ssize_t start_c = _start_arg(start)
+    cdef bint check = bool(verify)
     pos = start_c
     _threshold(from_offset, &lo)
     _threshold(end_offset, &hi)
@@ -464,7 +465,7 @@ def records_to_deliveries(buf, topic, from_offset, end_offset, max_bytes, start=
                     raise CorruptRecordError(pos, "length %d below minimum" % hdr.length)
                 if hdr.length > end - pos - 4 or reaches(hdr.offset, hi):
                     break
-                if not crc_matches(p + pos, &hdr):
+                if check and not crc_matches(p + pos, &hdr):
                     raise CorruptRecordError(pos, "checksum mismatch")
                 if reaches(hdr.offset, lo):
                     n = hdr.length - RECORD_MIN_LENGTH

@@ -9,7 +9,7 @@ copying every delivered record) runs in C, once per frame for Python.
 
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.bytearray cimport (
     PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_GET_SIZE,
 )
@@ -81,6 +81,14 @@ cdef int _kind(const unsigned char* p) noexcept nogil:
     return -1
 
 
+cdef enum:
+    # A frame at least this big that arrives in pieces is copied straight
+    # into its final payload object as they come, instead of accumulating
+    # in the reader's buffer (which grows by realloc and is shifted after
+    # each frame): every byte of a large PUB is copied once here.
+    _DIRECT_MIN = 65536
+
+
 @cython.final
 cdef class V1Reader:
     """Incremental v1 frame splitter: ``feed(data)`` -> ``[(kind, rid, payload)]``."""
@@ -89,6 +97,11 @@ cdef class V1Reader:
     cdef bytearray _buf
     cdef Py_ssize_t _need
     cdef bint _broken
+    # The large frame being filled in place (see _DIRECT_MIN), if any.
+    cdef object _big          # its payload: a bytes object nobody else has seen yet
+    cdef Py_ssize_t _big_fill  # payload bytes filled so far
+    cdef int _big_kind
+    cdef uint32_t _big_rid
 
     def __init__(self, Py_ssize_t max_frame_bytes=1 << 20):
         if max_frame_bytes < 16:
@@ -97,9 +110,13 @@ cdef class V1Reader:
         self._buf = bytearray()
         self._need = 0
         self._broken = False
+        self._big = None
+        self._big_fill = 0
 
     @property
     def buffered(self):
+        if self._big is not None:
+            return 4 + _FRAME_HEADER + self._big_fill
         return len(self._buf)
 
     @property
@@ -114,30 +131,51 @@ cdef class V1Reader:
             return []
         events = []
         buf = self._buf
-        if PyByteArray_GET_SIZE(buf):
-            buf += data
-            n = PyByteArray_GET_SIZE(buf)
-            if n < self._need:
-                return []
-            # Scanning a bytearray we then resize: scan first, resize after.
-            pos = self._scan(<const unsigned char*>PyByteArray_AS_STRING(buf), n, events)
-            if self._broken or pos == n:
-                del buf[:]
-            else:
-                del buf[:pos]
-            return events
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
+            pos = 0
+            if self._big is not None:
+                pos = self._fill(<const unsigned char*>view.buf, view.len, events)
+                if pos == view.len:
+                    return events
+            if PyByteArray_GET_SIZE(buf):
+                buf += (<const char*>view.buf)[pos:view.len]
+                n = PyByteArray_GET_SIZE(buf)
+                if n < self._need:
+                    return events
+                # Scanning a bytearray we then resize: scan first, resize after.
+                pos = self._scan(<const unsigned char*>PyByteArray_AS_STRING(buf), n, events)
+                if self._broken or pos == n:
+                    del buf[:]
+                else:
+                    del buf[:pos]
+                return events
             # Zero-copy path: parse straight from the chunk, keep only the tail.
-            pos = self._scan(<const unsigned char*>view.buf, view.len, events)
+            pos += self._scan(<const unsigned char*>view.buf + pos, view.len - pos, events)
             if not self._broken and pos < view.len:
                 buf += (<const char*>view.buf)[pos:view.len]
         finally:
             PyBuffer_Release(&view)
         return events
 
+    cdef Py_ssize_t _fill(self, const unsigned char* data, Py_ssize_t end,
+                          list events) except -1:
+        # Copy what this chunk holds of the large frame; emit it when whole.
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(self._big)
+        cdef Py_ssize_t take = size - self._big_fill
+        if take > end:
+            take = end
+        memcpy(PyBytes_AS_STRING(self._big) + self._big_fill, data, take)
+        self._big_fill += take
+        if self._big_fill == size:
+            events.append((self._big_kind, self._big_rid, self._big))
+            self._big = None
+            self._big_fill = 0
+            self._need = 4
+        return take
+
     cdef Py_ssize_t _scan(self, const unsigned char* data, Py_ssize_t end, list events) except -1:
-        cdef Py_ssize_t pos = 0
+        cdef Py_ssize_t pos = 0, have
         cdef uint32_t n, rid
         cdef int kind
         cdef Py_ssize_t limit = self.max_frame_bytes
@@ -157,6 +195,18 @@ cdef class V1Reader:
                 self._broken = True
                 return pos
             if end - pos < 4 + <Py_ssize_t>n:
+                if n >= _DIRECT_MIN and end - pos >= 4 + _FRAME_HEADER:
+                    kind = _kind(data + pos + 4)
+                    if kind >= 0:
+                        # Large and incomplete: fill its payload in place from now on.
+                        have = end - pos - 4 - _FRAME_HEADER
+                        self._big = PyBytes_FromStringAndSize(NULL, n - _FRAME_HEADER)
+                        memcpy(PyBytes_AS_STRING(self._big), data + pos + 4 + _FRAME_HEADER, have)
+                        self._big_fill = have
+                        self._big_kind = kind
+                        self._big_rid = load_be32(data + pos + 7)
+                        self._need = 0
+                        return end
                 self._need = 4 + n
                 return pos
             kind = _kind(data + pos + 4)
@@ -395,7 +445,7 @@ def publish_records(payload):
     finally:
         PyBuffer_Release(&view)
 
-def message_frame(buf, rid, topic, from_offset, end_offset, max_bytes):
+def message_frame(buf, rid, topic, from_offset, end_offset, max_bytes, verify=True):
     """A ``MSG`` frame of stored records, forwarded without re-encoding."""
     cdef Py_buffer view
     cdef const unsigned char* p
@@ -406,6 +456,7 @@ def message_frame(buf, rid, topic, from_offset, end_offset, max_bytes):
     cdef Py_ssize_t limit = max_bytes
     cdef bytes t, out
     cdef unsigned char* o
+    cdef bint check = bool(verify)
     if from_offset < 0 or end_offset < 0:
         raise ValueError("offsets must be >= 0")
     lo = from_offset
@@ -421,7 +472,7 @@ def message_frame(buf, rid, topic, from_offset, end_offset, max_bytes):
                 raise CorruptRecordError(pos, "length %d below minimum" % hdr.length)
             if <Py_ssize_t>hdr.length > end - pos - 4 or hdr.offset >= hi:
                 break
-            if not crc_matches(p + pos, &hdr):
+            if check and not crc_matches(p + pos, &hdr):
                 raise CorruptRecordError(pos, "checksum mismatch")
             if hdr.offset >= lo:
                 if first < 0:

@@ -38,8 +38,8 @@ class Subscription:
     def v0(cls, conn, topic: TopicLog, offset: int) -> "Subscription":
         name = topic.name_bytes
 
-        def convert(buf, from_offset, end_offset, max_bytes):
-            return _to_v0(buf, name, from_offset, end_offset, max_bytes)
+        def convert(buf, from_offset, end_offset, max_bytes, verify):
+            return _to_v0(buf, name, from_offset, end_offset, max_bytes, 0, verify)
 
         return cls(conn, topic, offset, convert, auto_commit=True)
 

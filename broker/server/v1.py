@@ -275,8 +275,8 @@ class V1Handlers:
         name_bytes = topic.name_bytes
         message_frame = wire1.message_frame
 
-        def convert(buf, from_offset, end_offset, max_bytes):
-            return message_frame(buf, rid, name_bytes, from_offset, end_offset, max_bytes)
+        def convert(buf, from_offset, end_offset, max_bytes, verify):
+            return message_frame(buf, rid, name_bytes, from_offset, end_offset, max_bytes, verify)
 
         sub = Subscription(self, topic, offset, convert, auto_commit=False)
         self._v1_reply(rid, _U64.pack(offset))

@@ -21,6 +21,7 @@ creating a topic never blocks the loop on an fsync.
 from __future__ import annotations
 
 import bisect
+import collections
 import logging
 import os
 from typing import Callable
@@ -30,26 +31,30 @@ from . import recordwalk
 from .checkpoint import CheckpointEntry
 from .fileio import atomic_write, fsync_dir
 from .segment import HEADER_SIZE as _HEADER_SIZE, Segment
+from .tailcache import LOOKBACK
 from .topicconfig import CONFIG_FILE, TopicConfig, encode_overrides
 
 __all__ = ["TopicLog", "AppendResult"]
 
 log = logging.getLogger(__name__)
 
-# convert(buf, from_offset, end_offset, max_bytes) -> (out, count, next_offset, used)
-Converter = Callable[[bytes, int, int, int], tuple]
+# convert(buf, from_offset, end_offset, max_bytes, verify) -> (out, count, next_offset, used);
+# verify=False for batches from the tail cache (see tailcache.py)
+Converter = Callable[[bytes, int, int, int, bool], tuple]  # buf, from, end, max_bytes, verify
 
 
 class AppendResult:
     """What one :meth:`TopicLog.append` did, for the loop and for undoing it."""
 
-    __slots__ = ("pieces", "rolled", "end_offset", "undo")
+    __slots__ = ("pieces", "rolled", "end_offset", "undo", "buf", "count")
 
-    def __init__(self, pieces, rolled, end_offset, undo) -> None:
+    def __init__(self, pieces, rolled, end_offset, undo, buf=None, count: int = 0) -> None:
         self.pieces = pieces          # [(segment, index entries, size after)] in order
         self.rolled = rolled          # segments created, in order
         self.end_offset = end_offset  # offset after the last record written
         self.undo = undo              # (active before, its state before)
+        self.buf = buf                # the records written (for the tail cache)
+        self.count = count            # how many
 
 
 class TopicLog:
@@ -59,7 +64,7 @@ class TopicLog:
         "name", "name_bytes", "directory", "segments", "_bases", "_sealed_bytes",
         "end_offset", "next_offset", "subscribers", "active", "interval",
         "config", "overrides", "stats", "rcache", "wcache",
-        "materialized", "last_time", "durable",
+        "materialized", "last_time", "durable", "tail",
     )
 
     def __init__(self, name: str, directory: str, segments: list[Segment], config: TopicConfig,
@@ -84,6 +89,7 @@ class TopicLog:
         self.materialized = materialized           # directory and first segment exist
         self.last_time = self.active.last_time     # newest append time, ms (disk thread)
         self.durable: CheckpointEntry | None = None  # state at the last fsync (disk thread)
+        self.tail: collections.deque = collections.deque()  # newest batches (TailCache; loop)
 
     @classmethod
     def create(cls, name: str, directory: str, config: TopicConfig, interval: int,
@@ -169,13 +175,27 @@ class TopicLog:
             offset = segments[0].base_offset
         if offset >= end:
             return None
+        tail = self.tail
+        if tail:
+            # Caught up: the records are in a batch this broker wrote and
+            # still holds (broker/storage/tailcache.py), CRCs not re-checked.
+            k = len(tail)
+            for j in range(k - 1, max(k - LOOKBACK, 0) - 1, -1):
+                first, last, buf = tail[j]
+                if first <= offset:
+                    if offset < last:
+                        out, count, nxt, _used = convert(buf, offset, end, max_bytes, False)
+                        if count:
+                            self.stats["tail_reads"] += 1
+                            return out, count, nxt
+                    break
         i = bisect.bisect_right(self._bases, offset) - 1
         seg = segments[i]
         pos = seg.lookup(offset)
         want = max_bytes
         while True:
             buf = seg.read(pos, want)
-            out, count, nxt, used = convert(buf, offset, end, max_bytes)
+            out, count, nxt, used = convert(buf, offset, end, max_bytes, True)
             if count:
                 return out, count, nxt
             if used:
@@ -355,7 +375,7 @@ class TopicLog:
         self.last_time = ts_ms
         if rolled:
             self.stats["segments_rolled"] += len(rolled)
-        return AppendResult(pieces, rolled, seg.end_offset, undo)
+        return AppendResult(pieces, rolled, seg.end_offset, undo, buf, count)
 
     def _record_starts(self, buf):
         # Interval 1 makes index_entries emit an entry for every record:

@@ -31,6 +31,7 @@ from ..config import Config
 from ..topics import InvalidTopic, validate_topic
 from . import checkpoint
 from .filecache import FileCache
+from .tailcache import TailCache
 from .log import TopicLog
 from .offsets import OffsetStore
 from .topicconfig import TopicConfig, load_overrides, validate_overrides
@@ -84,7 +85,9 @@ class LogStore:
             "recovery_scanned_bytes": 0,   # log bytes checked at startup
             "recovery_truncated_bytes": 0,  # torn or corrupt tail bytes cut at startup
             "index_rebuilds": 0,
+            "tail_reads": 0,               # deliveries served from the tail cache
         }
+        self.tail = TailCache(getattr(cfg, "tail_cache_bytes", 0))  # newest batches, in memory
         # Read side (event loop) and write side (disk thread) file caches.
         self.rcache = FileCache(cfg.max_open_segments, _release_reader, self.stats, "read_fd")
         self.wcache = FileCache(cfg.max_open_writers, _release_writer, self.stats, "write_fd")

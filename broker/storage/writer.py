@@ -113,6 +113,7 @@ class DiskWriter:
         self._high = high_water
         self._low = low_water
         self._on_written = on_written                # loop callback per topic written
+        self._tail = getattr(store, "tail", None)    # TailCache: batches just written (loop)
         cfg = getattr(store, "config", None)
         self._clock = clock or getattr(store, "clock", None) or time.time  # wall clock, s
         if checkpoint_interval_ms is None:
@@ -326,8 +327,12 @@ class DiskWriter:
         self._pending_bytes -= self._job_bytes
         self._job_bytes = 0
         stored = set()
+        tail = self._tail
         for topic, result in job.results:
             topic.written(result)
+            if tail is not None and result.buf is not None:
+                tail.add(topic, result.end_offset - result.count, result.end_offset, result.buf)
+            result.buf = None
             stored.add(topic)
             self._on_written(topic)
         errors = job.errors

@@ -1,0 +1,56 @@
+"""The tail cache: the newest record batches of every topic, kept in memory.
+
+A consumer that keeps up reads what was just written. Every batch the disk
+thread writes was encoded (or stamped) in this process, with its CRCs
+computed from the published bytes, so a subscriber that is caught up is
+served from these bytes: no ``pread`` and no second CRC pass, since no disk
+has touched them. Anything older, or anything read after a restart, comes
+from the segment files and is checked record by record as before.
+
+Bounds: one budget for the whole broker (``Config.tail_cache_bytes``,
+0 turns the cache off). Batches leave in the order they came, oldest first,
+whatever their topic; a batch larger than the budget is not kept. Only the
+event loop touches it (``DiskWriter._done`` adds, ``TopicLog.read`` reads).
+"""
+
+from __future__ import annotations
+
+import collections
+
+__all__ = ["TailCache"]
+
+# How many of a topic's newest batches a read looks through. A caught-up
+# subscriber is in the newest one or two; one further behind reads the
+# files, in larger chunks than single batches would give it.
+LOOKBACK = 4
+
+
+class TailCache:
+    """Recent batches per topic (``TopicLog.tail``), under one byte budget."""
+
+    __slots__ = ("max_bytes", "bytes", "_order")
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes              # budget for all topics; 0: off
+        self.bytes = 0                          # bytes held now
+        self._order: collections.deque = collections.deque()  # (TopicLog, nbytes), oldest first
+
+    def add(self, topic, first_offset: int, end_offset: int, buf) -> None:
+        """Keep ``buf`` (records ``first_offset`` .. ``end_offset - 1`` of ``topic``)."""
+        n = len(buf)
+        if n == 0 or n > self.max_bytes:
+            return
+        topic.tail.append((first_offset, end_offset, buf))
+        self._order.append((topic, n))
+        self.bytes += n
+        order = self._order
+        while self.bytes > self.max_bytes:
+            old, size = order.popleft()
+            old.tail.popleft()  # a topic's oldest batch is the oldest of it in _order
+            self.bytes -= size
+
+    def clear(self) -> None:
+        for topic, _n in self._order:
+            topic.tail.clear()
+        self._order.clear()
+        self.bytes = 0

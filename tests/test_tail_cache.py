@@ -1,0 +1,133 @@
+"""The tail cache: caught-up consumers are served the batches just written,
+from memory, within one broker-wide budget; everything else from the files,
+CRC-checked."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import types
+
+import pytest
+
+import storage_helpers
+from broker.storage.tailcache import LOOKBACK, TailCache
+from storage_helpers import make_store, publish, start_writer
+
+records_impl = storage_helpers.records_impl  # fixture: every test runs with both codecs
+
+
+def fake_topic():
+    return types.SimpleNamespace(tail=collections.deque())
+
+
+def test_budget_is_shared_and_oldest_batches_leave_first():
+    cache = TailCache(100)
+    a, b = fake_topic(), fake_topic()
+    cache.add(a, 0, 1, b"x" * 40)
+    cache.add(b, 0, 1, b"y" * 40)
+    cache.add(a, 1, 2, b"z" * 40)     # 120 > 100: a's first batch goes
+    assert [e[0] for e in a.tail] == [1] and len(b.tail) == 1 and cache.bytes == 80
+    cache.add(b, 1, 3, b"w" * 60)     # 140: b's first goes (the oldest), 100 fits
+    assert [e[0] for e in a.tail] == [1] and [e[0] for e in b.tail] == [1] and cache.bytes == 100
+    cache.add(b, 3, 4, b"u" * 10)     # 110: a's batch goes next, whatever the topic
+    assert list(a.tail) == [] and [e[0] for e in b.tail] == [1, 3] and cache.bytes == 70
+    cache.add(a, 2, 3, b"v" * 101)    # bigger than the whole budget: not kept
+    assert list(a.tail) == [] and cache.bytes == 70
+    cache.add(a, 3, 3, b"")           # nothing to keep
+    assert list(a.tail) == []
+    cache.clear()
+    assert cache.bytes == 0 and not b.tail
+
+
+def test_off_keeps_nothing():
+    cache = TailCache(0)
+    t = fake_topic()
+    cache.add(t, 0, 1, b"x")
+    assert not t.tail and cache.bytes == 0
+
+
+class Recorder:
+    """A TopicLog.read converter that decodes and notes whether it was told to verify."""
+
+    def __init__(self, rec) -> None:
+        self.rec = rec
+        self.verify = []
+
+    def __call__(self, buf, from_offset, end_offset, max_bytes, verify):
+        self.verify.append(verify)
+        out, used = self.rec.decode_records(buf, from_offset, end_offset)
+        nxt = out[-1][0] + 1 if out else from_offset
+        return out, len(out), nxt, used
+
+
+def _write(tmp_path, batches, **config):
+    async def main():
+        store = make_store(tmp_path, segment_bytes=1 << 20, **config)
+        topic = store.get_or_create("t")
+        writer = await start_writer(store)
+        for msgs in batches:
+            publish(writer, topic, msgs)
+            await writer.flush()  # one job, one batch each
+        await writer.close()
+        return store, topic
+    return asyncio.run(main())
+
+
+def test_caught_up_reads_come_from_memory(records_impl, tmp_path):
+    batches = [[b"a%d-%d" % (i, j) for j in range(5)] for i in range(LOOKBACK + 3)]
+    store, topic = _write(tmp_path, batches, tail_cache_bytes=1 << 20)
+    assert len(topic.tail) == len(batches)
+    assert store.tail.bytes == sum(len(b) for _f, _e, b in topic.tail)
+    end = topic.end_offset
+    conv = Recorder(records_impl)
+    # In the newest batches: from memory, not CRC-checked again.
+    got = topic.read(end - 3, 1 << 16, conv)
+    assert [r[2] for r in got[0]] == batches[-1][2:] and conv.verify == [False]
+    assert store.stats["tail_reads"] == 1
+    # Further behind than LOOKBACK batches: from the file, checked.
+    conv.verify.clear()
+    got = topic.read(0, 1 << 16, conv)
+    assert got[0][0][2] == b"a0-0" and conv.verify == [True]
+    assert store.stats["tail_reads"] == 1
+    # Memory and file agree byte for byte.
+    first, last, buf = topic.tail[-1]
+    with open(topic.active.log_path, "rb") as f:
+        data = f.read()
+    assert bytes(buf) == data[-len(buf):]
+    store.close()
+
+
+def test_without_the_cache_a_corrupt_record_is_refused(records_impl, tmp_path):
+    batches = [[b"m%d" % i] * 3 for i in range(3)]
+    store, topic = _write(tmp_path, batches, tail_cache_bytes=0)
+    assert not topic.tail
+    with open(topic.active.log_path, "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 0xFF]))  # flip the last payload byte on disk
+    conv = Recorder(records_impl)
+    with pytest.raises(records_impl.CorruptRecordError):
+        topic.read(topic.end_offset - 1, 1 << 16, conv)
+    assert conv.verify == [True]
+    store.close()
+
+
+def test_cache_serves_what_was_written_not_what_the_disk_now_holds(records_impl, tmp_path):
+    """A record the disk corrupted after the write is still served intact
+    from the batch in memory (and refused once it must come from the disk)."""
+    batches = [[b"m%d" % i] * 3 for i in range(3)]
+    store, topic = _write(tmp_path, batches, tail_cache_bytes=1 << 20)
+    with open(topic.active.log_path, "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 0xFF]))
+    conv = Recorder(records_impl)
+    got = topic.read(topic.end_offset - 1, 1 << 16, conv)
+    assert got[0][0][2] == b"m2"
+    store.tail.clear()
+    with pytest.raises(records_impl.CorruptRecordError):
+        topic.read(topic.end_offset - 1, 1 << 16, conv)
+    store.close()
