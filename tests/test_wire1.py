@@ -870,6 +870,32 @@ def test_decode_messages_builds_and_filters(w):
     assert w.wire1.decode_messages(payload, "dm", 9, make) == ([], 9)
 
 
+def test_decode_messages_namedtuple_factories(w):
+    """The client's Message (a NamedTuple) and other namedtuples come out as
+    instances of their class; a subclass with its own __new__ gets it called."""
+    import collections
+    from broker._pure import records as precords
+    from broker.client.message import Message
+    payload = _msg_payload(w, precords, [(5, b"a"), (6, b"bb")])
+    msgs, nxt = w.wire1.decode_messages(payload, "dm", 0, Message)
+    assert nxt == 7 and [type(m) for m in msgs] == [Message, Message]
+    assert msgs == [Message("dm", 5, 77, b"a"), Message("dm", 6, 77, b"bb")]
+    assert msgs[1].value == b"bb" and msgs[1].offset == 6
+    Plain = collections.namedtuple("Plain", "t o ts v")
+    assert [type(m) for m in w.wire1.decode_messages(payload, "dm", 0, Plain)[0]] == [Plain] * 2
+
+    class Shouting(Plain):
+        __slots__ = ()
+
+        def __new__(cls, t, o, ts, v):
+            return super().__new__(cls, t, o, ts, v.upper())
+
+    assert [m.v for m in w.wire1.decode_messages(payload, "dm", 0, Shouting)[0]] == [b"A", b"BB"]
+    Three = collections.namedtuple("Three", "a b c")
+    with pytest.raises(TypeError):
+        w.wire1.decode_messages(payload, "dm", 0, Three)
+
+
 def test_decode_messages_refuses_corruption(w):
     from broker._pure import records as precords
     payload = bytearray(_msg_payload(w, precords, [(0, b"hello"), (1, b"world")]))

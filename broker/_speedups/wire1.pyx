@@ -518,6 +518,29 @@ def parse_messages(payload):
     return topic, out
 
 
+cdef dict _plain_cache = {}
+
+
+cdef bint _plain_namedtuple(factory) except -1:
+    # A namedtuple class of four fields, as collections.namedtuple and
+    # typing.NamedTuple make them: its __new__ does nothing but
+    # tuple.__new__(cls, fields), which we can call without the Python
+    # frame in between (a third of the decoding time per message).
+    cdef object known = _plain_cache.get(factory)
+    if known is not None:
+        return known
+    ok = False
+    if isinstance(factory, type) and issubclass(factory, tuple):
+        new = factory.__dict__.get("__new__")
+        new = getattr(new, "__func__", new)  # a staticmethod in the class dict
+        fields = factory.__dict__.get("_fields")
+        ok = (type(fields) is tuple and len(fields) == 4
+              and getattr(new, "__globals__", {}).get("_tuple_new") is tuple.__new__)
+    if len(_plain_cache) < 64:
+        _plain_cache[factory] = ok
+    return ok
+
+
 def decode_messages(payload, topic, min_offset, factory):
     """Decode a ``MSG`` payload straight into message objects (see the pure twin)."""
     cdef Py_buffer view
@@ -527,6 +550,8 @@ def decode_messages(payload, topic, min_offset, factory):
     cdef RecordHeader hdr
     cdef uint64_t nxt
     cdef list out = []
+    cdef bint plain = _plain_namedtuple(factory)
+    cdef object value
     if min_offset < 0:
         raise ValueError("min_offset must be >= 0")
     nxt = min_offset
@@ -550,8 +575,12 @@ def decode_messages(payload, topic, min_offset, factory):
             if not crc_matches(p + pos, &hdr):
                 raise CorruptRecordError(pos, "checksum mismatch")
             if hdr.offset >= nxt:
-                out.append(factory(topic, hdr.offset, hdr.time, PyBytes_FromStringAndSize(
-                    <const char*>p + pos + RECORD_HEADER_SIZE, hdr.length - RECORD_MIN_LENGTH)))
+                value = PyBytes_FromStringAndSize(
+                    <const char*>p + pos + RECORD_HEADER_SIZE, hdr.length - RECORD_MIN_LENGTH)
+                if plain:
+                    out.append(tuple.__new__(factory, (topic, hdr.offset, hdr.time, value)))
+                else:
+                    out.append(factory(topic, hdr.offset, hdr.time, value))
                 nxt = hdr.offset + 1
             seen += 1
             pos += 4 + hdr.length
