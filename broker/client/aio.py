@@ -381,7 +381,7 @@ class AsyncClient:
         The batch is stored whole or not at all; its offsets are
         ``first, first + 1, ...`` in the order given.
         """
-        msgs = [_value_bytes(v) for v in values]
+        msgs = values if type(values) in (list, tuple) else list(values)
         fut = self._publish_nowait(topic, msgs)
         await self._drain()
         payload = await asyncio.wait_for(fut, self.request_timeout)
@@ -392,9 +392,15 @@ class AsyncClient:
         if proto is None or proto.lost or not self._connected.is_set():
             raise ConnectionLost("not connected to %s:%d" % (self.host, self.port))
         rid = next(self._rids)
+        try:
+            # Bytes-like values go to the codec as they are: one call, no
+            # Python per message.
+            frame = wire1.encode_publish(rid, _topic_bytes(topic), msgs)
+        except TypeError:  # some are str (UTF-8) or other objects bytes() takes
+            frame = wire1.encode_publish(rid, _topic_bytes(topic), [_value_bytes(v) for v in msgs])
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        proto.transport.write(wire1.encode_publish(rid, _topic_bytes(topic), msgs))
+        proto.transport.write(frame)
         return fut
 
     def producer(self, *, max_batch: int = 1000, linger_ms: float = 5.0,
