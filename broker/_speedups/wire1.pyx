@@ -518,6 +518,16 @@ def parse_messages(payload):
     return topic, out
 
 
+cdef extern from "Python.h":
+    void PyObject_GC_UnTrack(void* op)
+    int PyObject_GC_IsTracked(object op)
+
+
+cdef inline bint _atomic(object topic):
+    # The other fields are ints and bytes, which hold no references.
+    return type(topic) is str or type(topic) is bytes
+
+
 cdef dict _plain_cache = {}
 
 
@@ -551,7 +561,7 @@ def decode_messages(payload, topic, min_offset, factory):
     cdef uint64_t nxt
     cdef list out = []
     cdef bint plain = _plain_namedtuple(factory)
-    cdef object value
+    cdef object value, msg
     if min_offset < 0:
         raise ValueError("min_offset must be >= 0")
     nxt = min_offset
@@ -578,7 +588,13 @@ def decode_messages(payload, topic, min_offset, factory):
                 value = PyBytes_FromStringAndSize(
                     <const char*>p + pos + RECORD_HEADER_SIZE, hdr.length - RECORD_MIN_LENGTH)
                 if plain:
-                    out.append(tuple.__new__(factory, (topic, hdr.offset, hdr.time, value)))
+                    msg = tuple.__new__(factory, (topic, hdr.offset, hdr.time, value))
+                    # Like an exact tuple of atomic values, it cannot be part
+                    # of a cycle: keep it out of the collector's lists, which
+                    # a consumer's buffer of thousands would otherwise fill.
+                    if PyObject_GC_IsTracked(msg) and _atomic(topic):
+                        PyObject_GC_UnTrack(<void*>msg)
+                    out.append(msg)
                 else:
                     out.append(factory(topic, hdr.offset, hdr.time, value))
                 nxt = hdr.offset + 1

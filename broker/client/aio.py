@@ -572,7 +572,11 @@ class Subscription:
         self.topic = topic
         self.auto_commit = auto_commit
         self.rid = 0                               # request id of our SUB (tags MSG frames)
-        self._buffer: collections.deque = collections.deque()  # Messages not yet yielded
+        # Messages not yet yielded, as the lists decode_messages made (one per
+        # MSG frame): get_batch hands out whole lists and slices, so it runs
+        # Python per frame, not per message.
+        self._buffer: collections.deque = collections.deque()
+        self._buffered = 0       # messages in _buffer
         self._waiter: asyncio.Future | None = None
         self._next = 0           # offset of the next message to yield
         self._processed = 0      # offsets below this are processed (commit candidate)
@@ -600,6 +604,7 @@ class Subscription:
         """
         offset = _U64.unpack(reply)[0]
         self._buffer.clear()
+        self._buffered = 0
         self._in_hand = -1
         self._next = self._processed = offset
         self.client._buffer_drained(self)
@@ -607,6 +612,7 @@ class Subscription:
     async def _resubscribe(self) -> None:
         # Resume at the first message not processed: at-least-once.
         self._buffer.clear()
+        self._buffered = 0
         self._in_hand = -1
         await self._subscribe(From.OFFSET, self._processed)
 
@@ -614,10 +620,11 @@ class Subscription:
         # One codec call per MSG frame builds the Messages, checks every
         # CRC and drops what a seek or resubscribe made stale.
         msgs, self._next = _decode_messages(payload, self.topic, self._next, Message)
-        buf = self._buffer
-        buf.extend(msgs)
-        if len(buf) >= self.client.max_buffered:
-            self.client._buffer_full(self)
+        if msgs:
+            self._buffer.append(msgs)
+            self._buffered += len(msgs)
+            if self._buffered >= self.client.max_buffered:
+                self.client._buffer_full(self)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -649,12 +656,14 @@ class Subscription:
         :class:`ConnectionLost` once the buffer is empty if the connection
         was lost and the client does not reconnect.
         """
+        if max_messages < 1:
+            raise ValueError("max_messages must be at least 1")
         self._mark_processed()
         buf = self._buffer
-        if not buf:
+        if not self._buffered:
             if self.auto_commit:
                 await self._commit_processed(wait=False)
-            while not buf and not self._done:
+            while not self._buffered and not self._done:
                 self._waiter = asyncio.get_running_loop().create_future()
                 try:
                     await asyncio.wait_for(self._waiter, timeout)
@@ -662,14 +671,25 @@ class Subscription:
                     return []
                 finally:
                     self._waiter = None
-            if not buf:
+            if not self._buffered:
                 if self._error is not None:
                     raise self._error
                 return []
-        n = min(max_messages, len(buf))
-        out = [buf.popleft() for _ in range(n)]
+        n = min(max_messages, self._buffered)
+        out = buf.popleft()
+        if len(out) > n:
+            buf.appendleft(out[n:])
+            out = out[:n]
+        while len(out) < n:
+            chunk = buf.popleft()
+            need = n - len(out)
+            if len(chunk) > need:
+                buf.appendleft(chunk[need:])
+                chunk = chunk[:need]
+            out.extend(chunk)
+        self._buffered -= n
         self._in_hand = out[-1].offset + 1
-        if len(buf) < self.client.max_buffered // 2:
+        if self._buffered < self.client.max_buffered // 2:
             self.client._buffer_drained(self)
         return out
 
