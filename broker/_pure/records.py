@@ -83,18 +83,21 @@ def stamp_records(buf, base_offset: int, timestamp_ms: int):
     pos = 0
     off = base_offset
     last = 0
+    unpack_len, pack_len, pack_tail, crc32 = _LEN.unpack_from, _LEN.pack_into, _OFF_TIME.pack_into, zlib.crc32
+    view = memoryview(buf)
     while pos < end:
         if end - pos < HEADER_SIZE:
             raise ValueError("stamp_records: truncated record at byte %d" % pos)
-        length = _LEN.unpack_from(buf, pos)[0]
+        length = unpack_len(buf, pos)[0]
         if length < _MIN_LENGTH or length > end - pos - 4:
             raise ValueError("stamp_records: bad record length at byte %d" % pos)
-        _OFF_TIME.pack_into(buf, pos + 8, off, timestamp_ms)
-        _LEN.pack_into(buf, pos + 4, zlib.crc32(memoryview(buf)[pos + 8:pos + 4 + length]))
+        pack_tail(buf, pos + 8, off, timestamp_ms)
+        pack_len(buf, pos + 4, crc32(view[pos + 8:pos + 4 + length]))
         last = 4 + length
         pos += last
         off += 1
     return off - base_offset, last
+
 
 def _check_start(start: int) -> None:
     # struct.unpack_from reads a negative offset from the end of the buffer

@@ -50,6 +50,7 @@ _U16 = struct.Struct(">H")
 _HEAD = struct.Struct(">I3sI")
 _PUB_ITEM = struct.Struct(">II")
 _REC_HEAD = struct.Struct(">II")  # a record's length and CRC fields
+_REC_HDR = struct.Struct(">IIQQ")  # a whole record header
 _unpack_u32 = _U32.unpack_from
 _unpack_u16 = _U16.unpack_from
 
@@ -214,30 +215,36 @@ def publish_records(payload):
     if count > (end - pos) // 8:
         raise ProtocolError("PUB: count %d does not fit the frame" % count)
     first = pos
-    items = []
-    for _ in range(count):  # the layout first: the same errors as parse_publish
+    # One pass: the size is known from the count (a layout error raises
+    # before anything is returned, as in parse_publish).
+    out = bytearray((end - first) + (HEADER_SIZE - 8) * count)
+    unpack_item, pack_head, crc32 = _PUB_ITEM.unpack_from, _REC_HEAD.pack_into, zlib.crc32
+    bad = -1
+    o = 0
+    view = memoryview(payload)
+    for i in range(count):
         if end - pos < 8:
             raise ProtocolError("PUB: truncated message header")
-        n, crc = _PUB_ITEM.unpack_from(payload, pos)
+        n, crc = unpack_item(view, pos)
         pos += 8
         if end - pos < n:
             raise ProtocolError("PUB: truncated message")
-        items.append((pos, n, crc))
+        msg = view[pos:pos + n]
         pos += n
+        if bad < 0:
+            if crc32(msg) != crc:
+                bad = i
+                continue
+            pack_head(out, o, HEADER_SIZE - 4 + n, crc)
+            o += HEADER_SIZE
+            out[o:o + n] = msg
+            o += n
     if pos != end:
         raise ProtocolError("PUB: %d trailing bytes" % (end - pos))
-    out = bytearray((end - first) + (HEADER_SIZE - 8) * count)
-    view = memoryview(payload)
-    o = 0
-    for i, (pos, n, crc) in enumerate(items):
-        msg = view[pos:pos + n]
-        if zlib.crc32(msg) != crc:
-            return topic, None, count, i
-        _REC_HEAD.pack_into(out, o, HEADER_SIZE - 4 + n, crc)
-        o += HEADER_SIZE
-        out[o:o + n] = msg
-        o += n
+    if bad >= 0:
+        return topic, None, count, bad
     return topic, out, count, -1
+
 
 def message_frame(buf, rid: int, topic, from_offset: int, end_offset: int, max_bytes: int,
                   verify: bool = True):
@@ -258,13 +265,15 @@ def message_frame(buf, rid: int, topic, from_offset: int, end_offset: int, max_b
     first = -1
     count = 0
     nxt = from_offset
+    unpack_hdr, crc32 = _REC_HDR.unpack_from, zlib.crc32
+    view = memoryview(buf)
     while end - pos >= HEADER_SIZE:
-        length, crc, off, _ts = struct.unpack_from(">IIQQ", buf, pos)
+        length, crc, off, _ts = unpack_hdr(view, pos)
         if length < HEADER_SIZE - 4:
             raise CorruptRecordError(pos, "length %d below minimum" % length)
         if length > end - pos - 4 or off >= end_offset:
             break
-        if verify and zlib.crc32(memoryview(buf)[pos + 8:pos + 4 + length]) != crc:
+        if verify and crc32(view[pos + 8:pos + 4 + length]) != crc:
             raise CorruptRecordError(pos, "checksum mismatch")
         if off >= from_offset:
             if first < 0:

@@ -256,6 +256,7 @@ class Broker:
             timers=sum(1 for c in conns if c._timer is not None),
             topics=len(self.store.topics),
             pending_bytes=self.writer.pending_bytes if self.writer else 0,
+            tail_cache_bytes=self.store.tail.bytes,
             codec=codec.IMPLEMENTATION,
         )
         if self.writer:

@@ -72,8 +72,12 @@ def render(broker) -> str:
            [((), stats.get("disk_batches", 0))])
     metric("disk_bytes_total", "counter", "Record bytes written by the disk thread.",
            [((), stats.get("disk_bytes", 0))])
-    metric("fsyncs_total", "counter", "fsync rounds by the disk thread.",
+    metric("fsyncs_total", "counter", "fsyncs by the disk and syncer threads.",
            [((), stats.get("disk_fsyncs", 0))])
+    metric("tail_cache_bytes", "gauge", "Newest batches held in memory for caught-up consumers.",
+           [((), stats.get("tail_cache_bytes", 0))])
+    metric("tail_reads_total", "counter", "Deliveries served from the tail cache, not the disk.",
+           [((), stats.get("disk_tail_reads", 0))])
     hist = getattr(writer, "fsync_histogram", None)
     if hist is not None:
         bounds, counts, total, n = hist.snapshot()
