@@ -18,7 +18,9 @@ def test_many_topics_hold_bounded_descriptors(records_impl, tmp_path):
     n_topics = 400
 
     async def main():
-        store = make_store(tmp_path, max_open_segments=READ_CAP, max_open_writers=WRITE_CAP)
+        # No tail cache: every read goes through the read descriptors.
+        store = make_store(tmp_path, max_open_segments=READ_CAP, max_open_writers=WRITE_CAP,
+                           tail_cache_bytes=0)
         writer = await start_writer(store)
         await writer.flush()
         baseline = open_fds()
@@ -50,7 +52,7 @@ def test_many_topics_hold_bounded_descriptors(records_impl, tmp_path):
 
 def test_many_segments_hold_bounded_descriptors_and_indexes(records_impl, tmp_path):
     store = make_store(tmp_path, segment_bytes=1024, index_interval_bytes=64,
-                       max_open_segments=4, max_open_writers=1)
+                       max_open_segments=4, max_open_writers=1, tail_cache_bytes=0)
     topic = store.get_or_create("long")
     baseline = open_fds()
     msgs = [b"%06d" % i * 20 for i in range(6000)]  # ~880 segments of 7 records
