@@ -106,6 +106,62 @@ def test_interval_and_never_do_not_fsync_per_batch(records_impl, tmp_path, monke
     assert after == size
 
 
+
+def test_interval_fsyncs_run_beside_the_writes(tmp_path, monkeypatch):
+    """Under fsync=interval a slow fsync runs on the syncer thread: the disk
+    thread goes on writing (and does not spin on the deadline meanwhile),
+    and the checkpoint claims only what an fsync covered."""
+    import threading
+    import time
+    from broker.storage import checkpoint, writer as writer_mod
+    real_fsync = os.fsync
+    slow = threading.Event()
+
+    def fsync(fd):
+        if threading.current_thread().name == "pylogstreams-sync" and not slow.is_set():
+            slow.set()
+            time.sleep(0.4)  # one fsync that takes 400 ms
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    ticks = []
+    real_timed = writer_mod.DiskWriter._timed_work
+
+    def counting(self):
+        ticks.append(time.monotonic())
+        real_timed(self)
+
+    monkeypatch.setattr(writer_mod.DiskWriter, "_timed_work", counting)
+
+    async def main():
+        store = make_store(tmp_path, fsync="interval", fsync_interval_ms=20,
+                           checkpoint_interval_ms=50, segment_bytes=1 << 20)
+        writer = await start_writer(store)
+        topic = store.get_or_create("t")
+        publish(writer, topic, [b"first"])
+        await writer.flush()
+        while not slow.is_set():
+            await asyncio.sleep(0.005)
+        started = time.monotonic()
+        # Writes complete while the fsync is stuck.
+        for i in range(5):
+            publish(writer, topic, [b"during %d" % i])
+            await writer.flush()
+        during = time.monotonic() - started
+        await asyncio.sleep(0.5)  # the fsync ends, the next rounds run
+        n_ticks = len([t for t in ticks if started <= t <= started + 0.4])
+        await writer.close()
+        store.close()
+        return during, n_ticks
+
+    during, n_ticks = asyncio.run(main())
+    assert during < 0.3, "writes waited for the fsync (%.3f s)" % during
+    assert n_ticks < 200, "the disk thread spun while the syncer was busy (%d wakeups)" % n_ticks
+    # After the clean stop, the checkpoint is there and marked clean.
+    clean, entries = checkpoint.read(str(tmp_path))
+    assert clean and entries["t"].end_offset == 6
+
+
 def test_per_topic_fsync_override(records_impl, tmp_path, monkeypatch):
     spy = FsyncSpy(monkeypatch)
 

@@ -148,6 +148,7 @@ class DiskWriter:
         self._sync_queue: queue.Queue = queue.Queue(maxsize=1)  # one round at a time
         self._sync_results: collections.deque = collections.deque()  # rounds done, to apply
         self._sync_busy = False                      # a round is with the syncer (disk thread)
+        self._busy_retry = 0.0                       # while busy, timed work waits until then
         self._syncer = threading.Thread(target=self._run_syncer, name="pylogstreams-sync",
                                         daemon=True)
         self.stats = store.stats if store is not None else {}
@@ -444,6 +445,10 @@ class DiskWriter:
         due = self._sync_due
         if self._changed and self._store is not None:
             due = min(due, self._last_checkpoint + self._checkpoint_every)
+        if self._sync_busy:
+            # Nothing timed can start before the syncer's round is over:
+            # look again shortly rather than spin on a deadline passed.
+            due = max(due, self._busy_retry)
         return None if due == float("inf") else due
 
     def _timed_work(self) -> None:
@@ -456,7 +461,7 @@ class DiskWriter:
         if self._sync_busy:
             # The previous round's fsyncs are still running (a slow disk):
             # look again shortly; what is dirty stays dirty.
-            self._sync_due = min(self._sync_due, now + _SYNC_RETRY)
+            self._busy_retry = now + _SYNC_RETRY
             return
         items = []
         if now >= self._sync_due:
