@@ -24,9 +24,11 @@ import asyncio
 import base64
 import dataclasses
 import fnmatch
+import functools
 import hashlib
 import hmac
 import os
+import re
 import tomllib
 
 __all__ = ["User", "Authenticator", "hash_secret", "check_secret", "ANYONE"]
@@ -69,10 +71,29 @@ class User:
     secret: str = dataclasses.field(default="", repr=False)
 
     def may_publish(self, topic: str) -> bool:
-        return any(fnmatch.fnmatchcase(topic, pat) for pat in self.publish)
+        return self._publish_match(topic)
 
     def may_subscribe(self, topic: str) -> bool:
-        return any(fnmatch.fnmatchcase(topic, pat) for pat in self.subscribe)
+        return self._subscribe_match(topic)
+
+    # Checked on every PUB: the patterns are compiled once, into one regex
+    # (fnmatch's own translation), or a constant when one of them is "*".
+    @functools.cached_property
+    def _publish_match(self):
+        return _matcher(self.publish)
+
+    @functools.cached_property
+    def _subscribe_match(self):
+        return _matcher(self.subscribe)
+
+
+def _matcher(patterns: tuple[str, ...]):
+    if "*" in patterns:
+        return lambda topic: True
+    if not patterns:
+        return lambda topic: False
+    rx = re.compile("|".join("(?:%s)" % fnmatch.translate(p) for p in patterns))
+    return lambda topic: rx.match(topic) is not None
 
 
 # Without an auth file every client may do everything.
