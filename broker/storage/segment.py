@@ -27,7 +27,9 @@ import logging
 import os
 
 from ..codec import records
-from .fileio import FADV_DONTNEED, FADV_SEQUENTIAL, advise, pwrite_all, write_replace
+from .fileio import (
+    FADV_DONTNEED, FADV_SEQUENTIAL, advise, pwrite_all, start_writeback, write_replace,
+)
 from .index import ENTRY_SIZE, SparseIndex
 from .recordwalk import header_time, last_record_start
 
@@ -39,6 +41,7 @@ HEADER_SIZE = 24                # record header: length, crc, offset, time
 _SCAN_CHUNK = 8 * 1024 * 1024   # recovery reads the active segment in pieces this big
 _TIME_SCAN_CHUNK = 64 * 1024    # time lookups read forward this much at a time
 _NO_END = 1 << 63               # "no upper bound" for offset-bounded decoding
+WRITEBACK_BYTES = 4 * 1024 * 1024  # start writeback of a segment every this many bytes
 
 
 def segment_name(base_offset: int) -> str:
@@ -52,7 +55,7 @@ class Segment:
         "base_offset", "log_path", "index_path", "interval", "rcache", "wcache",
         # disk thread
         "fd", "index_fd", "size", "end_offset", "next_index_pos", "index_size",
-        "last_pos", "last_time", "sealed",
+        "last_pos", "last_time", "sealed", "written_back",
         # event loop
         "rfd", "readable_size", "_index", "_first_time", "_max_time",
     )
@@ -68,6 +71,7 @@ class Segment:
         self.fd = -1                           # log, read-write (disk thread; write cache)
         self.index_fd = -1                     # index, read-write (disk thread; write cache)
         self.size = 0                          # bytes of valid records (disk thread)
+        self.written_back = 0                  # writeback started up to here (disk thread)
         self.end_offset = base_offset          # offset after the last record (disk thread)
         self.next_index_pos = 0                # byte position where the next entry is due
         self.index_size = 0                    # bytes of entries in the .index file
@@ -449,6 +453,9 @@ class Segment:
             # the log and fsynced only when the segment is sealed.
             pwrite_all(self.index_fd, entries, self.index_size)
         self.size += len(buf)
+        if self.size - self.written_back >= WRITEBACK_BYTES:
+            start_writeback(self.fd, self.written_back, self.size - self.written_back)
+            self.written_back = self.size
         self.end_offset += count
         self.next_index_pos = due
         self.index_size += len(entries)
@@ -464,6 +471,7 @@ class Segment:
         os.ftruncate(self.index_fd, index_size)
         (self.size, self.index_size, self.end_offset, self.next_index_pos,
          self.last_pos, self.last_time) = state
+        self.written_back = min(self.written_back, self.size)
 
     def fsync(self) -> None:
         self._wfds()
