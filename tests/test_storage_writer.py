@@ -162,6 +162,48 @@ def test_interval_fsyncs_run_beside_the_writes(tmp_path, monkeypatch):
     assert clean and entries["t"].end_offset == 6
 
 
+
+def test_second_job_queued_under_load_loses_nothing(records_impl, tmp_path):
+    """Under a backlog a second job waits behind the one being written: every
+    batch is stored once, in order, and acknowledged with its own offsets."""
+    seen_two = []
+
+    async def main():
+        store = make_store(tmp_path, segment_bytes=8 << 20)
+        writer = await start_writer(store)
+        topics = [store.get_or_create("t%d" % i) for i in range(3)]
+        acks = {t.name: [] for t in topics}
+        loop = asyncio.get_running_loop()
+        futs = []
+        for rnd in range(40):
+            for t in topics:
+                msgs = [b"%s-%03d-%02d-" % (t.name_bytes, rnd, j) + b"x" * 20_000 for j in range(20)]
+                fut = loop.create_future()
+                futs.append(fut)
+
+                def on_stored(base, count, exc, t=t, fut=fut, msgs=msgs):
+                    acks[t.name].append((base, count, msgs))
+                    fut.set_result(exc)
+
+                publish(writer, t, msgs, on_stored)
+            seen_two.append(writer._in_flight)
+            await asyncio.sleep(0)
+        assert all(exc is None for exc in await asyncio.wait_for(asyncio.gather(*futs), 30))
+        await writer.flush()
+        for t in topics:
+            stored = [p for _o, _t, p in read_all(t)]
+            expect = []
+            for base, count, msgs in acks[t.name]:
+                assert base == len(expect)  # contiguous, in publish order
+                expect.extend(msgs)
+            assert stored == expect and len(stored) == 40 * 20
+        await writer.close()
+        store.close()
+
+    asyncio.run(main())
+    assert max(seen_two) == 2, "no second job was ever queued (%r)" % sorted(set(seen_two))
+
+
 def test_per_topic_fsync_override(records_impl, tmp_path, monkeypatch):
     spy = FsyncSpy(monkeypatch)
 

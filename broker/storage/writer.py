@@ -41,8 +41,12 @@ Retention runs on a loop timer: it drops expired segments from their topics
 (in the loop, so no reader can reach them any more) and hands their files
 to the disk thread, which drops their cached pages and deletes them.
 
-Bounds: one job in flight, one queued at most (the queue has ``maxsize=1``
-and the loop only submits when none is in flight). Published bytes waiting
+Bounds: two jobs with the disk thread at most (the queue has ``maxsize=2``).
+The loop submits a job when none is in flight; only under load (1 MiB or
+more waiting) does it queue a second one behind it, so that the disk
+thread moves straight on to it. The disk thread gives each batch its
+offsets from the topic's end as it has written it, so a batch that fails
+leaves no gap before the ones queued after it. Published bytes waiting
 for the disk are counted; above ``append_high_water`` the producers that
 keep publishing are paused (``pause_reading``) until the backlog falls
 below ``append_low_water``. Disk calls (:meth:`DiskWriter.run`) are capped.
@@ -76,21 +80,24 @@ _RECORD_OVERHEAD = 24     # record header bytes per message (broker/_pure/record
 _MAX_CALLS = 256          # disk calls waiting for the disk thread, at most
 _RETENTION_SLICE = 256    # topics checked per loop callback by the retention timer
 _SYNC_RETRY = 0.01        # s: look again this soon when the syncer is still busy
+_DOUBLE_BUFFER = 1 << 20  # backlog (bytes) above which a second job is queued
 
 
 class _Job:
     """One unit of work for the disk thread, and its results."""
 
-    __slots__ = ("appends", "acks", "offsets", "deletes", "calls", "checkpoint",
+    __slots__ = ("appends", "acks", "offsets", "deletes", "calls", "checkpoint", "nbytes",
                  "results", "errors", "call_results")
 
-    def __init__(self, appends, acks, offsets, deletes, calls, checkpoint: bool) -> None:
-        self.appends = appends      # [(TopicLog, [(messages or records, count)], base_offset, count)]
-        self.acks = acks            # [(callback, TopicLog, base_offset, count)] to call when done
+    def __init__(self, appends, acks, offsets, deletes, calls, checkpoint: bool,
+                 nbytes: int = 0) -> None:
+        self.appends = appends      # [(TopicLog, [(messages or records, count)], count)]
+        self.acks = acks            # [(callback, TopicLog, index in the topic's batch, count)]
         self.offsets = offsets      # {(client_id, topic): offset} to persist
         self.deletes = deletes      # [(directory, [Segment])] dropped by retention
         self.calls = calls          # [(fn, args, future)] to run on the disk thread
         self.checkpoint = checkpoint  # write a checkpoint (after syncing) in this job
+        self.nbytes = nbytes        # published bytes it carries (flow control)
         self.results = []           # [(TopicLog, AppendResult)]
         self.errors = []            # [(TopicLog, count, OSError)] appends that failed
         self.call_results = []      # [(future, result, exception)]
@@ -123,9 +130,9 @@ class DiskWriter:
         self._checkpoint_every = checkpoint_interval_ms / 1000.0
         self._retention_every = retention_check_interval_ms / 1000.0
         self._pending: dict[TopicLog, list] = {}     # topic -> message lists not yet submitted
-        self._pending_bytes = 0                      # bytes in _pending and the job in flight
-        self._job_bytes = 0                          # of which in the job in flight
-        self._in_flight = False                      # a job is with the disk thread
+        self._pending_bytes = 0                      # bytes in _pending and the jobs in flight
+        self._flight_bytes = 0                       # of which in the jobs in flight
+        self._in_flight = 0                          # jobs with the disk thread (at most 2)
         self._paused: set = set()                    # transports paused for backpressure
         self._idle_waiters: list[asyncio.Future] = []  # flush() callers
         self._deletes: list = []                     # [(directory, segments)] to delete
@@ -133,7 +140,7 @@ class DiskWriter:
         self._want_checkpoint = False                # checkpoint() asked for one
         self._retention_handle: asyncio.Handle | None = None  # retention timer or slice
         self._kick_handle: asyncio.Handle | None = None  # _kick scheduled for this iteration
-        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._queue: queue.Queue = queue.Queue(maxsize=2)  # _in_flight <= 2: never full
         # Disk thread state.
         self._dirty: dict = {}                       # item -> fsync deadline (monotonic)
         self._sync_due = float("inf")                # earliest deadline in _dirty
@@ -285,14 +292,23 @@ class DiskWriter:
         data_received, every producer woken by an acknowledgement) joins
         the same job: under fsync=always, the same fsync.
         """
-        if self._kick_handle is None and not self._in_flight:  # _done kicks otherwise
+        if self._kick_handle is None and self._may_submit():  # _done kicks otherwise
             self._kick_handle = self._loop.call_soon(self._kick)
+
+    def _may_submit(self) -> bool:
+        # One job at a time, so that the next one gathers everything that
+        # arrives meanwhile (group commit); but under load (a backlog of
+        # _DOUBLE_BUFFER bytes or more) a second one waits in the queue, so
+        # the disk thread starts it the moment it finishes the first instead
+        # of idling through the loop's round trip.
+        n = self._in_flight
+        return n == 0 or (n == 1 and self._pending_bytes - self._flight_bytes >= _DOUBLE_BUFFER)
 
     def _kick(self) -> None:
         if self._kick_handle is not None:
             self._kick_handle.cancel()
             self._kick_handle = None
-        if self._in_flight or not self._thread.is_alive():
+        if not self._may_submit() or not self._thread.is_alive():
             return
         if not (self._pending or self._offsets.dirty or self._deletes or self._calls
                 or self._want_checkpoint):
@@ -304,7 +320,9 @@ class DiskWriter:
         appends = []
         acks = []
         for topic, entries in self._pending.items():
-            base = start = topic.end_offset
+            # Offsets are given on the disk thread (the topic's end there);
+            # acknowledgements are relative to the topic's first one in the job.
+            start = 0
             parts = []
             for part, count, cb in entries:
                 if cb is not None:
@@ -312,36 +330,37 @@ class DiskWriter:
                 start += count
                 if count:
                     parts.append((part, count))
-            appends.append((topic, parts, base, start - base))
+            appends.append((topic, parts, start))
         self._pending = {}
-        self._job_bytes = self._pending_bytes
+        nbytes = self._pending_bytes - self._flight_bytes
         deletes, self._deletes = self._deletes, []
         calls, self._calls = self._calls, []
         job = _Job(appends, acks, self._offsets.take_dirty(), deletes, calls,
-                   self._want_checkpoint)
+                   self._want_checkpoint, nbytes)
         self._want_checkpoint = False
-        self._in_flight = True
+        self._in_flight += 1
+        self._flight_bytes += nbytes
         self._queue.put_nowait(job)
 
     def _done(self, job: _Job) -> None:
-        self._in_flight = False
-        self._pending_bytes -= self._job_bytes
-        self._job_bytes = 0
-        stored = set()
+        self._in_flight -= 1
+        self._pending_bytes -= job.nbytes
+        self._flight_bytes -= job.nbytes
+        stored = {}
         tail = self._tail
         for topic, result in job.results:
+            stored[topic] = result.end_offset - result.count  # its first offset
             topic.written(result)
             if tail is not None and result.buf is not None:
                 tail.add(topic, result.end_offset - result.count, result.end_offset, result.buf)
             result.buf = None
-            stored.add(topic)
             self._on_written(topic)
         errors = job.errors
         if len(stored) + len(errors) < len(job.appends):
             # The disk thread failed before reaching some topics: not stored.
-            seen = stored.union(t for t, _c, _e in errors)
+            seen = set(stored).union(t for t, _c, _e in errors)
             errors = errors + [(t, n, RuntimeError("disk thread error; not stored"))
-                               for t, _p, _b, n in job.appends if n and t not in seen]
+                               for t, _p, n in job.appends if n and t not in seen]
         failed = {}
         for topic, count, exc in errors:
             failed[topic] = exc
@@ -349,10 +368,13 @@ class DiskWriter:
             topic.next_offset -= count  # those offsets were never assigned
             log.error("append to topic %s failed, %d messages not stored: %s",
                       topic.name, count, exc)
-        for cb, topic, base, count in job.acks:
+        for cb, topic, rel, count in job.acks:
             exc = failed.get(topic)
+            base = stored.get(topic)
+            if exc is None and base is None:  # an empty batch to a topic with no other
+                base = topic.next_offset
             try:
-                cb(None if exc else base, count, exc)
+                cb(None if exc else base + rel, count, exc)
             except Exception:
                 log.exception("on_stored callback failed")
         for fut, result, exc in job.call_results:
@@ -496,9 +518,12 @@ class DiskWriter:
         now_ms = int(self._clock() * 1000)
         stats = self.stats
         synced_now = []  # fsync=always topics: fsynced before the job is reported
-        for topic, parts, base, count in job.appends:
+        for topic, parts, count in job.appends:
             if not count:
                 continue
+            # The topic's end as the disk thread knows it: what an earlier
+            # job wrote (a failed one wrote nothing, so no gap can open).
+            base = topic.active.end_offset
             # Append times never go backwards within a topic, so time
             # lookups can binary-search (the wall clock may step back).
             ts = topic.last_time if topic.last_time > now_ms else now_ms
