@@ -154,13 +154,8 @@ def read_str(payload, pos: int):
     return bytes(payload[pos + 2:pos + 2 + n]), pos + 2 + n
 
 
-def parse_publish(payload):
-    """Split a ``PUB`` payload: ``(topic, messages, bad_index)``.
-
-    Every message's CRC is checked; ``bad_index`` is the index of the
-    first message whose CRC does not match, or -1. A payload whose layout
-    is wrong raises :class:`ProtocolError`.
-    """
+def _pub_head(payload):
+    """A ``PUB`` payload's topic and message count: ``(topic, count, position)``."""
     topic, pos = read_str(payload, 0)
     end = len(payload)
     if end - pos < 4:
@@ -171,6 +166,18 @@ def parse_publish(payload):
     # before building anything.
     if count > (end - pos) // 8:
         raise ProtocolError("PUB: count %d does not fit the frame" % count)
+    return topic, count, pos
+
+
+def parse_publish(payload):
+    """Split a ``PUB`` payload: ``(topic, messages, bad_index)``.
+
+    Every message's CRC is checked; ``bad_index`` is the index of the
+    first message whose CRC does not match, or -1. A payload whose layout
+    is wrong raises :class:`ProtocolError`.
+    """
+    topic, count, pos = _pub_head(payload)
+    end = len(payload)
     messages = []
     bad = -1
     for i in range(count):
@@ -206,14 +213,8 @@ def publish_records(payload):
     that does not parse raises :class:`ProtocolError`, as
     :func:`parse_publish` does.
     """
-    topic, pos = read_str(payload, 0)
+    topic, count, pos = _pub_head(payload)
     end = len(payload)
-    if end - pos < 4:
-        raise ProtocolError("PUB: missing message count")
-    count = _unpack_u32(payload, pos)[0]
-    pos += 4
-    if count > (end - pos) // 8:
-        raise ProtocolError("PUB: count %d does not fit the frame" % count)
     first = pos
     # One pass: the size is known from the count (a layout error raises
     # before anything is returned, as in parse_publish).

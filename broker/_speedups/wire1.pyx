@@ -334,6 +334,20 @@ def encode_publish(rid, topic, messages):
     return out
 
 
+cdef Py_ssize_t _pub_count(const unsigned char* p, Py_ssize_t pos, Py_ssize_t end,
+                           uint32_t* count) except -1:
+    # A PUB payload's message count, after the topic (at pos): where the
+    # first message starts. Each message needs at least its 8-byte header,
+    # so an absurd count is refused before anything is built.
+    if end - pos < 4:
+        raise ProtocolError("PUB: missing message count")
+    count[0] = load_be32(p + pos)
+    pos += 4
+    if count[0] > <uint32_t>((end - pos) // 8):
+        raise ProtocolError("PUB: count %d does not fit the frame" % count[0])
+    return pos
+
+
 def parse_publish(payload):
     """Split a ``PUB`` payload: ``(topic, messages, bad_index)``."""
     cdef Py_buffer view
@@ -349,12 +363,7 @@ def parse_publish(payload):
         end = view.len
         pos = _str_end(p, end)
         topic = PyBytes_FromStringAndSize(<const char*>p + 2, pos - 2)
-        if end - pos < 4:
-            raise ProtocolError("PUB: missing message count")
-        count = load_be32(p + pos)
-        pos += 4
-        if count > <uint32_t>((end - pos) // 8):
-            raise ProtocolError("PUB: count %d does not fit the frame" % count)
+        pos = _pub_count(p, pos, end, &count)
         messages = PyList_New(count)
         for i in range(count):
             if end - pos < 8:
@@ -412,12 +421,7 @@ def publish_records(payload):
         end = view.len
         pos = _str_end(p, end)
         topic = PyBytes_FromStringAndSize(<const char*>p + 2, pos - 2)
-        if end - pos < 4:
-            raise ProtocolError("PUB: missing message count")
-        count = load_be32(p + pos)
-        pos += 4
-        if count > <uint32_t>((end - pos) // 8):
-            raise ProtocolError("PUB: count %d does not fit the frame" % count)
+        pos = _pub_count(p, pos, end, &count)
         first = pos
         for i in range(count):  # the layout first: the same errors as parse_publish
             if end - pos < 8:
