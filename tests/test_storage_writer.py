@@ -204,6 +204,39 @@ def test_second_job_queued_under_load_loses_nothing(records_impl, tmp_path):
     assert max(seen_two) == 2, "no second job was ever queued (%r)" % sorted(set(seen_two))
 
 
+
+def test_syncer_survives_an_unexpected_error(tmp_path, monkeypatch):
+    """A bug in the syncer's round (here: the checkpoint raising ValueError)
+    is logged and counted; the writer neither hangs nor loses writes."""
+    from broker.storage import writer as writer_mod
+    attempts = []
+
+    def broken(*args):
+        attempts.append(args)
+        raise ValueError("boom")
+
+    monkeypatch.setattr(writer_mod.checkpoint_file, "write", broken)
+
+    async def main():
+        store = make_store(tmp_path, fsync="interval", fsync_interval_ms=10,
+                           checkpoint_interval_ms=20)
+        writer = await start_writer(store)
+        topic = store.get_or_create("t")
+        for i in range(5):
+            publish(writer, topic, [b"m%d" % i])
+            await writer.flush()
+            await asyncio.sleep(0.03)
+        monkeypatch.undo()
+        await asyncio.wait_for(writer.close(), 10)
+        errors = writer.stats["checkpoint_errors"]
+        assert [p for _o, _t, p in read_all(topic)] == [b"m%d" % i for i in range(5)]
+        store.close()
+        return errors
+
+    errors = asyncio.run(main())
+    assert attempts and errors == len(attempts)
+
+
 def test_per_topic_fsync_override(records_impl, tmp_path, monkeypatch):
     spy = FsyncSpy(monkeypatch)
 

@@ -606,23 +606,30 @@ class DiskWriter:
                 return
             items, checkpoint = work
             done = []
-            for item, fd, entry in items:
-                started = time.perf_counter()
-                try:
-                    os.fsync(fd)
-                    done.append((item, entry, time.perf_counter() - started, None))
-                except OSError as exc:
-                    done.append((item, None, 0.0, exc))
-                finally:
-                    os.close(fd)
             ckpt_error = None
-            if checkpoint is not None:
-                try:
-                    checkpoint_file.write(checkpoint[0], checkpoint[1], False, checkpoint[2])
-                except OSError as exc:
-                    ckpt_error = exc
-            self._sync_results.append((done, checkpoint is not None, ckpt_error))
-            q.task_done()
+            try:
+                for item, fd, entry in items:
+                    started = time.perf_counter()
+                    try:
+                        os.fsync(fd)
+                        done.append((item, entry, time.perf_counter() - started, None))
+                    except OSError as exc:
+                        done.append((item, None, 0.0, exc))
+                    finally:
+                        os.close(fd)
+                if checkpoint is not None:
+                    try:
+                        checkpoint_file.write(checkpoint[0], checkpoint[1], False, checkpoint[2])
+                    except OSError as exc:
+                        ckpt_error = exc
+            except BaseException as exc:  # a bug must neither kill the thread nor hang the writer
+                log.exception("syncer: unexpected error")
+                ckpt_error = ckpt_error or exc
+            finally:
+                # Always answered: the disk thread waits for this round
+                # before a synchronous sync or checkpoint.
+                self._sync_results.append((done, checkpoint is not None, ckpt_error))
+                q.task_done()
 
     def _apply_synced(self) -> None:
         """Disk thread: take in what the syncer finished."""
