@@ -11,7 +11,7 @@ import types
 import pytest
 
 import storage_helpers
-from broker.storage.tailcache import LOOKBACK, TailCache
+from broker.storage.tailcache import ENTRY_OVERHEAD, LOOKBACK, TailCache
 from storage_helpers import make_store, publish, start_writer
 
 records_impl = storage_helpers.records_impl  # fixture: every test runs with both codecs
@@ -22,22 +22,33 @@ def fake_topic():
 
 
 def test_budget_is_shared_and_oldest_batches_leave_first():
-    cache = TailCache(100)
+    o = ENTRY_OVERHEAD  # counted per batch besides its bytes
+    budget = 120 + 3 * o
+    cache = TailCache(budget)
     a, b = fake_topic(), fake_topic()
     cache.add(a, 0, 1, b"x" * 40)
     cache.add(b, 0, 1, b"y" * 40)
-    cache.add(a, 1, 2, b"z" * 40)     # 120 > 100: a's first batch goes
-    assert [e[0] for e in a.tail] == [1] and len(b.tail) == 1 and cache.bytes == 80
-    cache.add(b, 1, 3, b"w" * 60)     # 140: b's first goes (the oldest), 100 fits
-    assert [e[0] for e in a.tail] == [1] and [e[0] for e in b.tail] == [1] and cache.bytes == 100
-    cache.add(b, 3, 4, b"u" * 10)     # 110: a's batch goes next, whatever the topic
-    assert list(a.tail) == [] and [e[0] for e in b.tail] == [1, 3] and cache.bytes == 70
-    cache.add(a, 2, 3, b"v" * 101)    # bigger than the whole budget: not kept
-    assert list(a.tail) == [] and cache.bytes == 70
+    cache.add(a, 1, 2, b"z" * 40)     # exactly the budget
+    assert [e[0] for e in a.tail] == [0, 1] and len(b.tail) == 1 and cache.bytes == budget
+    cache.add(b, 1, 3, b"w" * 60)     # a's first goes, then b's first, oldest first
+    assert [e[0] for e in a.tail] == [1] and [e[0] for e in b.tail] == [1]
+    assert cache.bytes == 100 + 2 * o
+    cache.add(b, 3, 4, b"u" * 10)
+    assert [e[0] for e in b.tail] == [1, 3] and cache.bytes == 110 + 3 * o
+    cache.add(a, 2, 3, b"v" * budget)  # bigger than the whole budget: not kept
+    assert [e[0] for e in a.tail] == [1] and cache.bytes == 110 + 3 * o
     cache.add(a, 3, 3, b"")           # nothing to keep
-    assert list(a.tail) == []
+    assert [e[0] for e in a.tail] == [1]
     cache.clear()
-    assert cache.bytes == 0 and not b.tail
+    assert cache.bytes == 0 and not b.tail and not a.tail
+
+
+def test_tiny_batches_count_their_overhead():
+    cache = TailCache(100 * (ENTRY_OVERHEAD + 10))
+    t = fake_topic()
+    for i in range(1000):
+        cache.add(t, i, i + 1, b"0123456789")
+    assert len(t.tail) == 100  # not 10,000 bytes' worth of 10-byte batches
 
 
 def test_off_keeps_nothing():

@@ -19,6 +19,11 @@ import collections
 
 __all__ = ["TailCache"]
 
+# What one kept batch costs besides its bytes (the bytearray and tuple
+# objects, the deque slots), counted against the budget so that many tiny
+# batches cannot hold much more memory than it says.
+ENTRY_OVERHEAD = 200
+
 # How many of a topic's newest batches a read looks through. A caught-up
 # subscriber is in the newest one or two; one further behind reads the
 # files, in larger chunks than single batches would give it.
@@ -32,13 +37,15 @@ class TailCache:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes              # budget for all topics; 0: off
-        self.bytes = 0                          # bytes held now
+        self.bytes = 0                          # bytes held now (with ENTRY_OVERHEAD each)
         self._order: collections.deque = collections.deque()  # (TopicLog, nbytes), oldest first
 
     def add(self, topic, first_offset: int, end_offset: int, buf) -> None:
         """Keep ``buf`` (records ``first_offset`` .. ``end_offset - 1`` of ``topic``)."""
-        n = len(buf)
-        if n == 0 or n > self.max_bytes:
+        if not buf:
+            return
+        n = len(buf) + ENTRY_OVERHEAD
+        if n > self.max_bytes:
             return
         topic.tail.append((first_offset, end_offset, buf))
         self._order.append((topic, n))
