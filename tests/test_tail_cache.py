@@ -89,7 +89,7 @@ def test_caught_up_reads_come_from_memory(records_impl, tmp_path):
     batches = [[b"a%d-%d" % (i, j) for j in range(5)] for i in range(LOOKBACK + 3)]
     store, topic = _write(tmp_path, batches, tail_cache_bytes=1 << 20)
     assert len(topic.tail) == len(batches)
-    assert store.tail.bytes == sum(len(b) for _f, _e, b in topic.tail)
+    assert store.tail.bytes == sum(len(b) + ENTRY_OVERHEAD for _f, _e, b in topic.tail)
     end = topic.end_offset
     conv = Recorder(records_impl)
     # In the newest batches: from memory, not CRC-checked again.
