@@ -951,3 +951,42 @@ def test_producer_flush_while_a_full_batch_waits(shared_server):
         release.set()
         fake.close()
     assert fake.error is None, fake.error
+
+
+def test_get_batch_hands_out_frames_in_order_in_any_sizes():
+    """Subscription.get_batch over several decoded frames: whole frames,
+    parts of frames and single messages come out in order, each once."""
+    from broker.client.aio import Subscription
+    from broker.client.message import Message
+
+    class Idle:
+        max_buffered = 1 << 30
+        connected = False
+
+        def _buffer_full(self, sub):
+            pass
+
+        def _buffer_drained(self, sub):
+            pass
+
+    async def main():
+        sub = Subscription(Idle(), "t", auto_commit=False)
+        offset = 0
+        for size in (5, 1, 300, 2, 40):
+            frame = [Message("t", offset + i, 0, b"v%d" % (offset + i)) for i in range(size)]
+            sub._buffer.append(frame)
+            sub._buffered += size
+            offset += size
+        got = []
+        for want in (1, 1, 3, 7, 1, 250, 1, 1, 1000):
+            batch = await sub.get_batch(want)
+            assert 1 <= len(batch) <= want
+            got.extend(batch)
+        while sub._buffered:
+            got.extend(await sub.get_batch(1))
+        assert [m.offset for m in got] == list(range(offset))
+        assert await sub.get_batch(5, timeout=0.01) == []
+        with pytest.raises(ValueError):
+            await sub.get_batch(0)
+
+    asyncio.run(main())

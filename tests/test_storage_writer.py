@@ -237,6 +237,41 @@ def test_syncer_survives_an_unexpected_error(tmp_path, monkeypatch):
     assert attempts and errors == len(attempts)
 
 
+
+def test_batch_broken_off_before_its_fsync_is_not_left_behind(records_impl, tmp_path):
+    """fsync=always: if the job breaks off after the append (a bug, here the
+    offsets journal raising ValueError), the batch is refused and taken
+    back, so no later batch makes it readable."""
+
+    async def main():
+        store = make_store(tmp_path, fsync="always")
+        writer = await start_writer(store)
+        topic = store.get_or_create("t")
+        loop = asyncio.get_running_loop()
+        real_write = store.offsets.write
+
+        def broken(changes):
+            raise ValueError("boom")
+
+        store.offsets.write = broken
+        store.offsets.set(b"client", "t", 1)
+        first = loop.create_future()
+        publish(writer, topic, [b"A0", b"A1"], lambda b, c, e: first.set_result((b, c, e)))
+        base, count, exc = await asyncio.wait_for(first, 10)
+        assert base is None and count == 2 and exc is not None
+        store.offsets.write = real_write
+        second = loop.create_future()
+        publish(writer, topic, [b"B0"], lambda b, c, e: second.set_result((b, c, e)))
+        assert await asyncio.wait_for(second, 10) == (0, 1, None)
+        await writer.flush()
+        stored = [(o, p) for o, _t, p in read_all(topic)]
+        await writer.close()
+        store.close()
+        return stored
+
+    assert asyncio.run(main()) == [(0, b"B0")]
+
+
 def test_per_topic_fsync_override(records_impl, tmp_path, monkeypatch):
     spy = FsyncSpy(monkeypatch)
 

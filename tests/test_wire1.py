@@ -396,6 +396,18 @@ def test_encode_publish_refuses(w):
         w.wire1.encode_publish(1, b"t", ["a str is not bytes"])
 
 
+
+def test_encode_publish_sizes_buffers_in_bytes(w):
+    """An array('I') or a cast memoryview is sent as its bytes, not its items."""
+    import array
+    values = [array.array("I", [1, 2, 3]), memoryview(b"abcdefgh").cast("H"), b"xyz"]
+    frame = w.wire1.encode_publish(4, b"t", values)
+    (kind, rid, payload), = w.wire1.V1Reader().feed(frame)
+    assert w.wire1.parse_publish(payload) == (b"t", [bytes(v) for v in values], -1)
+    with pytest.raises(BufferError):
+        w.wire1.encode_publish(4, b"t", [memoryview(b"abcdef")[::2]])  # not contiguous
+
+
 def test_publish_round_trip(w):
     f = w.wire1.encode_publish(5, "tópic", MSGS)
     (kind, rid, payload), = w.wire1.V1Reader().feed(f)
@@ -894,6 +906,14 @@ def test_decode_messages_namedtuple_factories(w):
     Three = collections.namedtuple("Three", "a b c")
     with pytest.raises(TypeError):
         w.wire1.decode_messages(payload, "dm", 0, Three)
+
+    class Unhashable:
+        __hash__ = None
+
+        def __call__(self, *args):
+            return args
+
+    assert w.wire1.decode_messages(payload, "dm", 0, Unhashable())[0][0] == ("dm", 5, 77, b"a")
 
 
 def test_decode_messages_refuses_corruption(w):

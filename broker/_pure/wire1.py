@@ -137,7 +137,9 @@ def encode_publish(rid: int, topic, messages) -> bytes:
     if not 0 <= rid <= 0xFFFFFFFF:
         raise OverflowError("request id out of range")
     for msg in messages:
-        parts.append(_PUB_ITEM.pack(len(msg), zlib.crc32(msg)))
+        # The size in bytes, not items (an array('I') or a cast memoryview).
+        n = len(msg) if type(msg) is bytes else memoryview(msg).nbytes
+        parts.append(_PUB_ITEM.pack(n, zlib.crc32(msg)))
         parts.append(msg)
     body = b"".join(parts)
     return _HEAD.pack(FRAME_HEADER + len(body), b"PUB", rid) + body

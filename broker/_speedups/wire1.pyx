@@ -9,7 +9,9 @@ copying every delivered record) runs in C, once per frame for Python.
 
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytes cimport (
+    PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE,
+)
 from cpython.bytearray cimport (
     PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_GET_SIZE,
 )
@@ -195,7 +197,9 @@ cdef class V1Reader:
                 self._broken = True
                 return pos
             if end - pos < 4 + <Py_ssize_t>n:
-                if n >= _DIRECT_MIN and end - pos >= 4 + _FRAME_HEADER:
+                # Only once a good part of it is here: a header alone does
+                # not make us allocate the whole frame.
+                if n >= _DIRECT_MIN and end - pos >= 4 + _FRAME_HEADER + _DIRECT_MIN // 2:
                     kind = _kind(data + pos + 4)
                     if kind >= 0:
                         # Large and incomplete: fill its payload in place from now on.
@@ -286,6 +290,18 @@ def read_str(payload, Py_ssize_t pos):
         PyBuffer_Release(&view)
 
 
+cdef inline Py_ssize_t _byte_len(object msg) except -1:
+    # Bytes, not items: len() of an array('I') or a cast memoryview counts
+    # elements. A buffer that is not contiguous raises BufferError here.
+    cdef Py_buffer view
+    if PyBytes_CheckExact(msg):
+        return PyBytes_GET_SIZE(msg)
+    PyObject_GetBuffer(msg, &view, PyBUF_SIMPLE)
+    n = view.len
+    PyBuffer_Release(&view)
+    return n
+
+
 def encode_publish(rid, topic, messages):
     """A whole ``PUB`` frame: ``messages`` to ``topic``, each with its CRC."""
     cdef tuple items
@@ -303,7 +319,7 @@ def encode_publish(rid, topic, messages):
     count = len(items)
     total = 4 + _FRAME_HEADER + 2 + tlen + 4
     for i in range(count):
-        total += 8 + len(items[i])
+        total += 8 + _byte_len(items[i])
     if total - 4 > 0xFFFFFFFF:
         raise OverflowError("frame too large")
     out = PyBytes_FromStringAndSize(NULL, total)
@@ -540,7 +556,11 @@ cdef bint _plain_namedtuple(factory) except -1:
     # typing.NamedTuple make them: its __new__ does nothing but
     # tuple.__new__(cls, fields), which we can call without the Python
     # frame in between (a third of the decoding time per message).
-    cdef object known = _plain_cache.get(factory)
+    cdef object known
+    try:
+        known = _plain_cache.get(factory)
+    except TypeError:  # unhashable: not a class, so not a namedtuple
+        return False
     if known is not None:
         return known
     ok = False

@@ -396,7 +396,7 @@ class AsyncClient:
             # Bytes-like values go to the codec as they are: one call, no
             # Python per message.
             frame = wire1.encode_publish(rid, _topic_bytes(topic), msgs)
-        except TypeError:  # some are str (UTF-8) or other objects bytes() takes
+        except (TypeError, BufferError):  # str (UTF-8), or objects bytes() takes
             frame = wire1.encode_publish(rid, _topic_bytes(topic), [_value_bytes(v) for v in msgs])
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
@@ -576,7 +576,8 @@ class Subscription:
         # MSG frame): get_batch hands out whole lists and slices, so it runs
         # Python per frame, not per message.
         self._buffer: collections.deque = collections.deque()
-        self._buffered = 0       # messages in _buffer
+        self._buffered = 0       # messages in _buffer not yet handed out
+        self._head = 0           # of the first list, this many are handed out
         self._waiter: asyncio.Future | None = None
         self._next = 0           # offset of the next message to yield
         self._processed = 0      # offsets below this are processed (commit candidate)
@@ -604,7 +605,7 @@ class Subscription:
         """
         offset = _U64.unpack(reply)[0]
         self._buffer.clear()
-        self._buffered = 0
+        self._buffered = self._head = 0
         self._in_hand = -1
         self._next = self._processed = offset
         self.client._buffer_drained(self)
@@ -612,7 +613,7 @@ class Subscription:
     async def _resubscribe(self) -> None:
         # Resume at the first message not processed: at-least-once.
         self._buffer.clear()
-        self._buffered = 0
+        self._buffered = self._head = 0
         self._in_hand = -1
         await self._subscribe(From.OFFSET, self._processed)
 
@@ -676,17 +677,27 @@ class Subscription:
                     raise self._error
                 return []
         n = min(max_messages, self._buffered)
-        out = buf.popleft()
-        if len(out) > n:
-            buf.appendleft(out[n:])
-            out = out[:n]
-        while len(out) < n:
-            chunk = buf.popleft()
-            need = n - len(out)
-            if len(chunk) > need:
-                buf.appendleft(chunk[need:])
-                chunk = chunk[:need]
-            out.extend(chunk)
+        out = None
+        need = n
+        while need:
+            # Whole lists go out as they are; a list handed out in parts
+            # keeps its place (_head), so each message is copied once.
+            chunk = buf[0]
+            head = self._head
+            avail = len(chunk) - head
+            if avail <= need:
+                part = chunk if head == 0 else chunk[head:]
+                buf.popleft()
+                self._head = 0
+                need -= avail
+            else:
+                part = chunk[head:head + need]
+                self._head = head + need
+                need = 0
+            if out is None:
+                out = part
+            else:
+                out.extend(part)
         self._buffered -= n
         self._in_hand = out[-1].offset + 1
         if self._buffered < self.client.max_buffered // 2:

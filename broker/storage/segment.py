@@ -114,7 +114,7 @@ class Segment:
         created, so a crash cannot have damaged them.
         """
         seg = cls(directory, base_offset, interval, rcache, wcache)
-        seg.size = seg.readable_size = size
+        seg.size = seg.readable_size = seg.written_back = size
         seg.end_offset = end_offset
         seg.sealed = True
         return seg
@@ -164,7 +164,7 @@ class Segment:
         return seg
 
     def _adopt(self, entry) -> None:
-        self.size = entry.size
+        self.size = self.written_back = entry.size
         self.end_offset = entry.end_offset
         self.last_pos = entry.last_pos
         self.last_time = entry.last_time
@@ -233,7 +233,7 @@ class Segment:
             os.fsync(fd)
             stats["recovery_truncated_bytes"] = (stats.get("recovery_truncated_bytes", 0)
                                                  + file_size - pos)
-        self.size = pos
+        self.size = self.written_back = pos
         self.end_offset = expected
         self.next_index_pos = due
         # The index is derived data: make the file match what was recovered.

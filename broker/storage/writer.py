@@ -41,7 +41,8 @@ Retention runs on a loop timer: it drops expired segments from their topics
 (in the loop, so no reader can reach them any more) and hands their files
 to the disk thread, which drops their cached pages and deletes them.
 
-Bounds: two jobs with the disk thread at most (the queue has ``maxsize=2``).
+Bounds: two jobs with the disk thread at most (the queue has ``maxsize=3``:
+two jobs and the syncer's wake-up).
 The loop submits a job when none is in flight; only under load (1 MiB or
 more waiting) does it queue a second one behind it, so that the disk
 thread moves straight on to it. The disk thread gives each batch its
@@ -76,6 +77,7 @@ __all__ = ["DiskWriter"]
 log = logging.getLogger(__name__)
 
 _STOP = object()
+_WAKE = object()           # the syncer finished a round: take its results in
 _RECORD_OVERHEAD = 24     # record header bytes per message (broker/_pure/records.py)
 _MAX_CALLS = 256          # disk calls waiting for the disk thread, at most
 _RETENTION_SLICE = 256    # topics checked per loop callback by the retention timer
@@ -87,7 +89,7 @@ class _Job:
     """One unit of work for the disk thread, and its results."""
 
     __slots__ = ("appends", "acks", "offsets", "deletes", "calls", "checkpoint", "nbytes",
-                 "results", "errors", "call_results")
+                 "results", "errors", "call_results", "unsynced")
 
     def __init__(self, appends, acks, offsets, deletes, calls, checkpoint: bool,
                  nbytes: int = 0) -> None:
@@ -101,6 +103,7 @@ class _Job:
         self.results = []           # [(TopicLog, AppendResult)]
         self.errors = []            # [(TopicLog, count, OSError)] appends that failed
         self.call_results = []      # [(future, result, exception)]
+        self.unsynced = []          # [(TopicLog, AppendResult, count)] written, fsync=always, not yet reported
 
 
 class DiskWriter:
@@ -140,7 +143,8 @@ class DiskWriter:
         self._want_checkpoint = False                # checkpoint() asked for one
         self._retention_handle: asyncio.Handle | None = None  # retention timer or slice
         self._kick_handle: asyncio.Handle | None = None  # _kick scheduled for this iteration
-        self._queue: queue.Queue = queue.Queue(maxsize=2)  # _in_flight <= 2: never full
+        # At most two jobs (_in_flight <= 2) and one _WAKE: never full.
+        self._queue: queue.Queue = queue.Queue(maxsize=3)
         # Disk thread state.
         self._dirty: dict = {}                       # item -> fsync deadline (monotonic)
         self._sync_due = float("inf")                # earliest deadline in _dirty
@@ -444,6 +448,12 @@ class DiskWriter:
                 except BaseException:  # a bug must not kill the disk thread
                     log.exception("disk thread: unexpected error")
                 continue
+            if job is _WAKE:
+                try:
+                    self._timed_work()  # takes the round's results in
+                except BaseException:
+                    log.exception("disk thread: unexpected error")
+                continue
             if job is _STOP:
                 if self._clean_stop:
                     self._stop_work()
@@ -454,6 +464,7 @@ class DiskWriter:
                 self._write(job)
             except BaseException:  # never leave the loop waiting forever
                 log.exception("disk thread: unexpected error")
+                self._abandon(job)
             self._loop.call_soon_threadsafe(self._done, job)
             # A due interval fsync or checkpoint runs after the job is
             # reported: under fsync=interval it doesn't gate delivery, so it
@@ -462,6 +473,22 @@ class DiskWriter:
                 self._timed_work()
             except BaseException:
                 log.exception("disk thread: unexpected error")
+
+    def _abandon(self, job: _Job) -> None:
+        """A job broke off: take back appends not yet fsynced under fsync=always.
+
+        They will be reported as not stored (``_done``), so they must not
+        stay in the file for a later batch to make readable.
+        """
+        for topic, result, count in job.unsynced:
+            if result is None:
+                continue  # the offsets journal
+            try:
+                topic.undo(result)
+            except BaseException:
+                log.exception("could not take back a batch of topic %s", topic.name)
+            job.errors.append((topic, count, RuntimeError("disk thread error; not stored")))
+        job.unsynced.clear()
 
     def _next_deadline(self) -> float | None:
         due = self._sync_due
@@ -517,7 +544,10 @@ class DiskWriter:
     def _write(self, job: _Job) -> None:
         now_ms = int(self._clock() * 1000)
         stats = self.stats
-        synced_now = []  # fsync=always topics: fsynced before the job is reported
+        # fsync=always topics: fsynced before the job is reported. Kept on
+        # the job until each is reported, so that if something unexpected
+        # breaks the job off, _abandon can take them back (see _run).
+        synced_now = job.unsynced
         for topic, parts, count in job.appends:
             if not count:
                 continue
@@ -535,15 +565,17 @@ class DiskWriter:
                     log.exception("append to topic %s failed", topic.name)
                 job.errors.append((topic, count, exc))
                 continue
+            policy = topic.config.fsync
+            if policy == "always":
+                synced_now.append((topic, result, count))
+            else:
+                job.results.append((topic, result))  # written: reported whatever follows
             self._changed = True
             stats["batches"] += 1
             stats["messages"] += count
             stats["bytes"] += len(buf)
-            policy = topic.config.fsync
             if policy == "always":
-                synced_now.append((topic, result, count))
                 continue
-            job.results.append((topic, result))
             if policy == "interval":
                 self._mark_dirty(topic, topic.config.fsync_interval_ms / 1000.0)
             else:
@@ -563,7 +595,8 @@ class DiskWriter:
                 self._offsets_retry = offsets
                 log.error("could not persist consumer offsets (retried with the next "
                           "write): %s", exc)
-        for topic, result, count in synced_now:  # group commit: one fsync per topic per job
+        while synced_now:  # group commit: one fsync per topic per job
+            topic, result, count = synced_now[0]
             try:
                 started = time.perf_counter()
                 if result is None:
@@ -582,9 +615,11 @@ class DiskWriter:
                 log.error("fsync of topic %s failed: %s", topic.name, exc)
                 topic.undo(result)
                 job.errors.append((topic, count, exc))
+                del synced_now[0]
                 continue
             if result is not None:
                 job.results.append((topic, result))
+            del synced_now[0]
         for directory, segments in job.deletes:
             self._delete(directory, segments)
         for fn, args, fut in job.calls:
@@ -630,6 +665,13 @@ class DiskWriter:
                 # before a synchronous sync or checkpoint.
                 self._sync_results.append((done, checkpoint is not None, ckpt_error))
                 q.task_done()
+                # Wake the disk thread, idle or not, to take the results in
+                # (what fsyncs covered, for the next checkpoint). If its
+                # queue is full it is busy and will look anyway.
+                try:
+                    self._queue.put_nowait(_WAKE)
+                except queue.Full:
+                    pass
 
     def _apply_synced(self) -> None:
         """Disk thread: take in what the syncer finished."""
@@ -652,6 +694,7 @@ class DiskWriter:
                     self.stats["checkpoints"] += 1
                 else:
                     self.stats["checkpoint_errors"] += 1
+                    self._changed = True  # try again at the next interval
                     log.error("could not write the recovery checkpoint: %s", ckpt_error)
 
     def _syncer_idle(self) -> None:
