@@ -364,6 +364,16 @@ cdef Py_ssize_t _pub_count(const unsigned char* p, Py_ssize_t pos, Py_ssize_t en
     return pos
 
 
+cdef bytes _pub_head(const unsigned char* p, Py_ssize_t end, Py_ssize_t* pos,
+                     uint32_t* count):
+    # A PUB payload's topic; sets its message count and where the first
+    # message starts.
+    cdef Py_ssize_t tend = _str_end(p, end)
+    topic = PyBytes_FromStringAndSize(<const char*>p + 2, tend - 2)
+    pos[0] = _pub_count(p, tend, end, count)
+    return topic
+
+
 def parse_publish(payload):
     """Split a ``PUB`` payload: ``(topic, messages, bad_index)``."""
     cdef Py_buffer view
@@ -377,9 +387,7 @@ def parse_publish(payload):
     try:
         p = <const unsigned char*>view.buf
         end = view.len
-        pos = _str_end(p, end)
-        topic = PyBytes_FromStringAndSize(<const char*>p + 2, pos - 2)
-        pos = _pub_count(p, pos, end, &count)
+        topic = _pub_head(p, end, &pos, &count)
         messages = PyList_New(count)
         for i in range(count):
             if end - pos < 8:
@@ -435,9 +443,7 @@ def publish_records(payload):
     try:
         p = <const unsigned char*>view.buf
         end = view.len
-        pos = _str_end(p, end)
-        topic = PyBytes_FromStringAndSize(<const char*>p + 2, pos - 2)
-        pos = _pub_count(p, pos, end, &count)
+        topic = _pub_head(p, end, &pos, &count)
         first = pos
         for i in range(count):  # the layout first: the same errors as parse_publish
             if end - pos < 8:
