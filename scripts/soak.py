@@ -196,22 +196,48 @@ def _abort(client) -> None:
     client._lt.stop()
 
 
-def v1_producer(sh: Shared, port: int, topic: str, name: str, rng: random.Random) -> None:
-    from broker import Client
-    from broker.client.errors import PyLogStreamsError
-    seq = 0
+def _sessions(sh: Shared, rng: random.Random, connect, failure, max_seconds: float):
+    """Each worker's sessions until the soak stops: ``(connection, end, abrupt)``.
+
+    ``connect()`` is retried 0.2 s after a ``failure`` (the broker is being
+    restarted); each session lasts 0.5 to ``max_seconds`` and ends abruptly
+    (no goodbye) half the time.
+    """
     while not sh.stop.is_set():
         try:
-            client = Client("127.0.0.1", port, client_id=name, reconnect=False, connect_timeout=5,
-                            request_timeout=30)
-        except PyLogStreamsError:
-            sh.counts["connect_failures"] += 1
+            conn = connect()
+        except failure:
+            with sh.lock:
+                sh.counts["connect_failures"] += 1
             time.sleep(0.2)
             continue
         with sh.lock:
             sh.counts["sessions"] += 1
-        end = time.monotonic() + rng.uniform(0.5, 8)
-        abrupt = rng.random() < 0.5
+        yield conn, time.monotonic() + rng.uniform(0.5, max_seconds), rng.random() < 0.5
+
+
+def _end_v1(sh: Shared, client, abrupt: bool) -> None:
+    if abrupt:
+        with sh.lock:
+            sh.counts["abrupt_ends"] += 1
+        _abort(client)
+    else:
+        try:
+            client.close()
+        except Exception:  # noqa: BLE001 - closing a dead connection
+            pass
+
+
+def v1_producer(sh: Shared, port: int, topic: str, name: str, rng: random.Random) -> None:
+    from broker import Client
+    from broker.client.errors import PyLogStreamsError
+    seq = 0
+
+    def connect():
+        return Client("127.0.0.1", port, client_id=name, reconnect=False, connect_timeout=5,
+                      request_timeout=30)
+
+    for client, end, abrupt in _sessions(sh, rng, connect, PyLogStreamsError, 8):
         try:
             while time.monotonic() < end and not sh.stop.is_set():
                 first = seq + 1
@@ -228,33 +254,18 @@ def v1_producer(sh: Shared, port: int, topic: str, name: str, rng: random.Random
             abrupt = False  # the broker went away
         except Exception:  # noqa: BLE001
             sh.error("producer %s: %s" % (name, traceback.format_exc(limit=3)))
-        if abrupt:
-            with sh.lock:
-                sh.counts["abrupt_ends"] += 1
-            _abort(client)
-        else:
-            try:
-                client.close()
-            except Exception:  # noqa: BLE001 - closing a dead connection
-                pass
+        _end_v1(sh, client, abrupt)
 
 
 def v1_consumer(sh: Shared, port: int, topic: str, name: str, rng: random.Random) -> None:
     from broker import Client
     from broker.client.errors import PyLogStreamsError
-    while not sh.stop.is_set():
-        try:
-            client = Client("127.0.0.1", port, client_id=name, reconnect=False, connect_timeout=5,
-                            request_timeout=30)
-            sub = client.subscribe(topic, "committed", auto_commit=False)
-        except PyLogStreamsError:
-            sh.counts["connect_failures"] += 1
-            time.sleep(0.2)
-            continue
-        with sh.lock:
-            sh.counts["sessions"] += 1
-        end = time.monotonic() + rng.uniform(0.5, 8)
-        abrupt = rng.random() < 0.5
+    def connect():
+        client = Client("127.0.0.1", port, client_id=name, reconnect=False, connect_timeout=5,
+                        request_timeout=30)
+        return client, client.subscribe(topic, "committed", auto_commit=False)
+
+    for (client, sub), end, abrupt in _sessions(sh, rng, connect, PyLogStreamsError, 8):
         nxt = None
         try:
             while time.monotonic() < end and not sh.stop.is_set():
@@ -276,15 +287,7 @@ def v1_consumer(sh: Shared, port: int, topic: str, name: str, rng: random.Random
             abrupt = False
         except Exception:  # noqa: BLE001
             sh.error("consumer %s: %s" % (name, traceback.format_exc(limit=3)))
-        if abrupt:
-            with sh.lock:
-                sh.counts["abrupt_ends"] += 1
-            _abort(client)
-        else:
-            try:
-                client.close()
-            except Exception:  # noqa: BLE001
-                pass
+        _end_v1(sh, client, abrupt)
 
 
 def _v0_frame(body: bytes) -> bytes:
@@ -299,21 +302,21 @@ def _rst_close(sock: socket.socket) -> None:
     sock.close()
 
 
+def _v0_connect(port: int, hello: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        sock.sendall(hello)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def v0_producer(sh: Shared, port: int, name: str, rng: random.Random) -> None:
     seq = 0
     topic = V0_TOPIC.encode()
-    while not sh.stop.is_set():
-        try:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-            sock.sendall(_v0_frame(b"CID " + name.encode()))
-        except OSError:
-            sh.counts["connect_failures"] += 1
-            time.sleep(0.2)
-            continue
-        with sh.lock:
-            sh.counts["sessions"] += 1
-        end = time.monotonic() + rng.uniform(0.5, 5)
-        abrupt = rng.random() < 0.5
+    hello = _v0_frame(b"CID " + name.encode())
+    for sock, end, abrupt in _sessions(sh, rng, lambda: _v0_connect(port, hello), OSError, 5):
         try:
             while time.monotonic() < end and not sh.stop.is_set():
                 frames = []
@@ -346,19 +349,10 @@ def v0_producer(sh: Shared, port: int, name: str, rng: random.Random) -> None:
 
 def v0_consumer(sh: Shared, port: int, name: str, rng: random.Random, seen: list) -> None:
     topic = V0_TOPIC.encode()
-    while not sh.stop.is_set():
-        try:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-            sock.sendall(_v0_frame(b"CID " + name.encode()) + _v0_frame(b"SUB " + topic))
-        except OSError:
-            sh.counts["connect_failures"] += 1
-            time.sleep(0.2)
-            continue
-        with sh.lock:
-            sh.counts["sessions"] += 1
+    hello = _v0_frame(b"CID " + name.encode()) + _v0_frame(b"SUB " + topic)
+    for sock, end, abrupt in _sessions(sh, rng, lambda: _v0_connect(port, hello), OSError, 5):
         run = array.array("q")  # seqs received on this connection
         seen.append(run)
-        end = time.monotonic() + rng.uniform(0.5, 5)
         buf = bytearray()
         sock.settimeout(0.3)
         try:
@@ -384,7 +378,7 @@ def v0_consumer(sh: Shared, port: int, name: str, rng: random.Random, seen: list
                         sh.counts["v0_consumed"] += 1
         except OSError:
             pass
-        _rst_close(sock) if rng.random() < 0.5 else sock.close()
+        _rst_close(sock) if abrupt else sock.close()
 
 
 # -- verification -------------------------------------------------------------------

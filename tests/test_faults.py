@@ -234,18 +234,24 @@ def test_kill9_rounds(server):
     ledger = Ledger()
     acked_total = 0
     for rnd in range(KILL_ROUNDS):
-        topics = ["k9-%02d-a" % rnd, "k9-%02d-b" % rnd]
-        clients = ["k9-consumer-%02d-a" % rnd, "k9-consumer-%02d-b" % rnd]
-        producers, consumers = run_load(srv.port, rng.uniform(0.03, 0.25), rng, topics, clients,
-                                        srv.kill)
-        ledger.add(producers, consumers)
-        acked_total += sum(len(p.acked) for p in producers)
+        topics, acked = _crash_round(srv, rng, ledger, "k9-%02d" % rnd, 0.03, 0.25)
+        acked_total += acked
         srv.start()
         ledger.verify(srv.port, only=topics)
     ledger.verify(srv.port)
     assert acked_total > 1000, "too little load to prove anything (%d acked)" % acked_total
     print("\nkill -9: %d rounds survived, %d acknowledged messages, %d stored messages checked"
           % (KILL_ROUNDS, acked_total, ledger.checked))
+
+
+def _crash_round(srv, rng, ledger, name: str, lo: float, hi: float):
+    """Load two topics ``NAME-a``/``NAME-b`` for lo..hi seconds, then kill -9 the
+    broker mid-stream; record what was acked and consumed. ``(topics, acked)``."""
+    topics = [name + "-a", name + "-b"]
+    clients = [name.replace("-", "-consumer-", 1) + s for s in ("-a", "-b")]
+    producers, consumers = run_load(srv.port, rng.uniform(lo, hi), rng, topics, clients, srv.kill)
+    ledger.add(producers, consumers)
+    return topics, sum(len(p.acked) for p in producers)
 
 
 # -- power loss ----------------------------------------------------------------------
@@ -270,12 +276,8 @@ def test_power_loss_under_fsync_always(server, tmp_path):
         # Half the rounds reuse the first round's topics (recovery of a log
         # cut back more than once), half use fresh ones.
         tag = rnd if rnd % 2 else 0
-        topics = ["pl-%02d-a" % tag, "pl-%02d-b" % tag]
-        clients = ["pl-consumer-%02d-a" % tag, "pl-consumer-%02d-b" % tag]
-        producers, consumers = run_load(srv.port, rng.uniform(0.1, 0.4), rng, topics, clients,
-                                        srv.kill)
-        ledger.add(producers, consumers)
-        acked_total += sum(len(p.acked) for p in producers)
+        topics, acked = _crash_round(srv, rng, ledger, "pl-%02d" % tag, 0.1, 0.4)
+        acked_total += acked
         cut = simulate_power_loss(srv.data_dir, fsync_log, drop_unsynced_files=bool(rnd % 2))
         for k, v in cut.items():
             cut_total[k] += v
