@@ -109,6 +109,32 @@ def test_caught_up_reads_come_from_memory(records_impl, tmp_path):
     store.close()
 
 
+def test_a_whole_batch_is_taken_as_it_is(records_impl, tmp_path):
+    """``whole`` gets a cached batch only when the read starts at it and it
+    fits; every other read walks the records as before."""
+    batches = [[b"b%d-%d" % (i, j) for j in range(4)] for i in range(3)]
+    store, topic = _write(tmp_path, batches, tail_cache_bytes=1 << 20)
+    first, last, buf = topic.tail[-1]
+    wholes = []
+
+    def whole(b, count):
+        wholes.append((b, count))
+        return "frame"
+
+    conv = Recorder(records_impl)
+    assert topic.read(first, len(buf), conv, whole) == ("frame", 4, last)
+    assert wholes == [(buf, 4)] and conv.verify == []
+    # Starting inside the batch, or with room for less than all of it: walked.
+    got = topic.read(first + 1, 1 << 16, conv, whole)
+    assert [r[2] for r in got[0]] == batches[-1][1:]
+    got = topic.read(first, len(buf) - 1, conv, whole)
+    assert conv.verify == [False, False] and len(wholes) == 1  # (Recorder ignores max_bytes)
+    # Without a whole function (v0 subscriptions) the batch is walked too.
+    got = topic.read(first, 1 << 16, conv)
+    assert got[1] == 4 and len(wholes) == 1
+    store.close()
+
+
 def test_without_the_cache_a_corrupt_record_is_refused(records_impl, tmp_path):
     batches = [[b"m%d" % i] * 3 for i in range(3)]
     store, topic = _write(tmp_path, batches, tail_cache_bytes=0)

@@ -558,6 +558,18 @@ def test_message_frame_all(w):
     assert recs == [(BASE + i, TS + i, v) for i, v in enumerate(VALUES)]
 
 
+@pytest.mark.parametrize("topic", [b"t", b"topic.name_1-2", b"x" * 200])
+def test_batch_frame_is_message_frame_of_the_whole_batch(w, topic):
+    """The server's shortcut for a whole tail-cache batch (v1.batch_frame)
+    sends exactly what message_frame makes of it."""
+    from broker.server.v1 import batch_frame
+    buf = bytearray(raw_records(VALUES, BASE, TS))
+    frame, count, nxt, used = w.wire1.message_frame(buf, 77, topic, BASE, BASE + 10, len(buf),
+                                                    False)
+    assert (count, nxt, used) == (10, BASE + 10, len(buf))
+    assert batch_frame(77, w.wire1.pack_str(topic), buf, 10) == frame
+
+
 def test_message_frame_ranges(w):
     buf = raw_records(VALUES, BASE, TS)
     sizes = record_sizes(VALUES)

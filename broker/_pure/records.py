@@ -34,6 +34,7 @@ _MIN_LENGTH = 20        # crc + offset + time
 _HDR = struct.Struct(">IIQQ")
 _LEN = struct.Struct(">I")
 _OFF_TIME = struct.Struct(">QQ")
+_OFF = struct.Struct(">Q")
 _INDEX_ENTRY = struct.Struct(">II")
 _unpack_hdr = _HDR.unpack_from
 _pack_len = _LEN.pack
@@ -157,13 +158,14 @@ def index_entries(buf, base_position: int, next_index_position: int,
     pos = 0
     parts = []
     due = next_index_position
+    unpack_len, unpack_off = _LEN.unpack_from, _OFF.unpack_from
     while end - pos >= HEADER_SIZE:
-        length, _crc, off, _ts = _unpack_hdr(buf, pos)
-        where = base_position + pos
-        if where >= due:
-            parts.append(_INDEX_ENTRY.pack(off - segment_base_offset, where))
+        if base_position + pos >= due:  # only the records indexed have their offset read
+            where = base_position + pos
+            parts.append(_INDEX_ENTRY.pack(unpack_off(buf, pos + 8)[0] - segment_base_offset,
+                                           where))
             due = where + interval
-        pos += 4 + length
+        pos += 4 + unpack_len(buf, pos)[0]
     return b"".join(parts), due
 
 

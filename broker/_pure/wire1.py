@@ -288,8 +288,9 @@ def message_frame(buf, rid: int, topic, from_offset: int, end_offset: int, max_b
         pos += 4 + length
     if not count:
         return b"", 0, max(nxt, from_offset), pos
-    body = pack_str(topic) + _U32.pack(count) + bytes(buf[first:pos])
-    frame = _HEAD.pack(FRAME_HEADER + len(body), b"MSG", rid) + body
+    name = pack_str(topic)
+    size = FRAME_HEADER + len(name) + 4 + pos - first
+    frame = b"".join((_HEAD.pack(size, b"MSG", rid), name, _U32.pack(count), view[first:pos]))
     return frame, count, nxt, pos
 
 

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 # convert(buf, from_offset, end_offset, max_bytes, verify) -> (out, count, next_offset, used);
 # verify=False for batches from the tail cache (see tailcache.py)
 Converter = Callable[[bytes, int, int, int, bool], tuple]  # buf, from, end, max_bytes, verify
+# whole(buf, count) -> out: a whole tail-cache batch, its records forwarded as they are
+Whole = Callable[[bytes, int], bytes]
 
 
 class AppendResult:
@@ -156,7 +158,7 @@ class TopicLog:
 
     # -- event loop --------------------------------------------------------
 
-    def read(self, offset: int, max_bytes: int, convert: Converter):
+    def read(self, offset: int, max_bytes: int, convert: Converter, whole: Whole | None = None):
         """Convert records from ``offset`` on, about ``max_bytes`` of them.
 
         Returns ``convert``'s ``(out, count, next_offset)`` for the first
@@ -165,6 +167,8 @@ class TopicLog:
         oldest kept one, and is counted (``offset_resets``). Finds the
         segment by binary search on base offsets and the position by the
         sparse index, then reads forward: O(log segments + index interval).
+        With ``whole``, a read that starts at a tail-cache batch which fits
+        ``max_bytes`` takes that batch as it is: ``whole(buf, count)``.
         Raises :class:`records.CorruptRecordError` rather than serve a bad record.
         """
         end = self.end_offset
@@ -183,6 +187,11 @@ class TopicLog:
             for j in range(k - 1, max(k - LOOKBACK, 0) - 1, -1):
                 first, last, buf = tail[j]
                 if first <= offset:
+                    if offset == first and whole is not None and len(buf) <= max_bytes \
+                            and last <= end:
+                        # The reader wants this whole batch: no record walk.
+                        self.stats["tail_reads"] += 1
+                        return whole(buf, last - first), last - first, last
                     if offset < last:
                         out, count, nxt, _used = convert(buf, offset, end, max_bytes, False)
                         if count:
