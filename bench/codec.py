@@ -10,6 +10,14 @@ implementations measured in the same run, and their ratio.
 - encode_deliveries: frame a batch of 1000 messages for a v0 consumer.
 - encode_records: encode a batch of 1000 messages as log records.
 - records_to_deliveries: verify 1000 stored records and frame them.
+- v1 publish_records: check the CRCs of a 1000-message v1 ``PUB`` payload
+  and turn it into log records (the broker's loop thread).
+- v1 stamp_records: give those records offsets, a time and their record
+  CRCs, in place (the disk thread; the Cython twin combines CRCs).
+- v1 message_frame: verify 1000 stored records and frame them as one
+  ``MSG`` (a consumer reading from a segment file).
+- v1 decode_messages: a client checking a ``MSG`` frame's 1000 records and
+  building a ``Message`` per record.
 
 MB/s counts the bytes the operation reads: the wire stream for scan+CRC, the
 payloads for the encoders, the record buffer for records_to_deliveries.
@@ -30,9 +38,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from broker._pure import frames as py_frames, records as py_records  # noqa: E402
+from broker._pure import wire1 as py_wire1  # noqa: E402
 
 try:
     from broker._speedups import frames as c_frames, records as c_records  # noqa: E402
+    from broker._speedups import wire1 as c_wire1  # noqa: E402
 except ImportError as exc:  # pragma: no cover - depends on the build
     sys.exit("the Cython codec does not import (%s): build it with "
              "`pip install -e . --no-build-isolation`" % exc)
@@ -122,13 +132,77 @@ def to_deliveries_case(records, payload: bytes):
     return run, BATCH, len(buf) / BATCH
 
 
+def _pub_payload(payload: bytes) -> bytes:
+    frame = py_wire1.encode_publish(1, TOPIC, [payload] * BATCH)
+    return frame[4 + py_wire1.FRAME_HEADER:]
+
+
+def publish_records_case(codec, payload: bytes):
+    body = _pub_payload(payload)
+    convert = codec.wire1.publish_records
+
+    def run():
+        out = convert(body)
+        assert out[2] == BATCH and out[3] == -1
+
+    return run, BATCH, len(payload)
+
+
+def stamp_records_case(codec, payload: bytes):
+    # Stamping consumes the message CRCs: each run stamps a fresh copy of
+    # publish_records' output (the copy, a memcpy, is timed with it).
+    records = py_wire1.publish_records(_pub_payload(payload))[1]
+    stamp = codec.records.stamp_records
+
+    def run():
+        assert stamp(bytearray(records), 1_000_000, 1_712_345_678_901)[0] == BATCH
+
+    return run, BATCH, len(payload)
+
+
+def message_frame_case(codec, payload: bytes):
+    buf = py_records.encode_records([payload] * BATCH, 0, 1_712_345_678_901)
+    frame = codec.wire1.message_frame
+
+    def run():
+        assert frame(buf, 1, TOPIC, 0, BATCH, 1 << 30)[1] == BATCH
+
+    return run, BATCH, len(buf) / BATCH
+
+
+def decode_messages_case(codec, payload: bytes):
+    buf = py_records.encode_records([payload] * BATCH, 0, 1_712_345_678_901)
+    frame = py_wire1.message_frame(buf, 1, TOPIC, 0, BATCH, 1 << 30)[0]
+    body = frame[4 + py_wire1.FRAME_HEADER:]
+    decode = codec.wire1.decode_messages
+    from broker.client import Message
+
+    def run():
+        assert len(decode(body, "bench-topic", 0, Message)[0]) == BATCH
+
+    return run, BATCH, len(buf) / BATCH
+
+
 CASES = [
     ("scan+CRC", "frames", scan_case),
     ("encode_deliveries", "frames", deliveries_case),
     ("encode_records", "records", records_case),
     ("records_to_deliveries", "records", to_deliveries_case),
+    ("v1 publish_records", "v1", publish_records_case),
+    ("v1 stamp_records", "v1", stamp_records_case),
+    ("v1 message_frame", "v1", message_frame_case),
+    ("v1 decode_messages", "v1", decode_messages_case),
 ]
-IMPLS = {"frames": (c_frames, py_frames), "records": (c_records, py_records)}
+
+
+class _V1:
+    def __init__(self, wire1, records) -> None:
+        self.wire1 = wire1
+        self.records = records
+
+
+IMPLS = {"frames": (c_frames, py_frames), "records": (c_records, py_records),
+         "v1": (_V1(c_wire1, c_records), _V1(py_wire1, py_records))}
 
 
 def fmt_rate(rate: float) -> str:

@@ -389,3 +389,98 @@ def test_logstore_keeps_its_old_signature(tmp_path):
     assert (store.segment_bytes, store.interval) == (8192, 512)
     assert store.defaults.segment_bytes == 8192
     store.close()
+
+
+class JobSpy:
+    """Records each job the loop hands the disk thread, and when."""
+
+    def __init__(self, writer) -> None:
+        self.jobs = []
+        self.arrived = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        real = writer._queue.put_nowait
+
+        def put_nowait(job):
+            if hasattr(job, "offsets"):
+                self.jobs.append((loop.time(), job))
+                self.arrived.set()
+            real(job)
+
+        writer._queue.put_nowait = put_nowait
+
+
+def test_committed_offsets_ride_with_the_next_publish(tmp_path):
+    """A commit alone starts no job; the next publish's job carries it."""
+    async def main():
+        store = make_store(tmp_path)
+        topic = store.get_or_create("t")
+        writer = await start_writer(store)
+        spy = JobSpy(writer)
+        store.offsets.set(b"client", "t", 3)
+        writer.offsets_changed()
+        for _ in range(5):
+            await asyncio.sleep(0)  # loop iterations, far less than the delay
+        assert spy.jobs == []
+        publish(writer, topic, [b"a", b"b"])
+        await spy.arrived.wait()
+        (_, job), = spy.jobs
+        assert job.offsets == {(b"client", "t"): 3} and job.appends[0][2] == 2
+        assert writer._offsets_handle is None  # the timer went with it
+        await writer.close()
+        store.close()
+        return len(spy.jobs)
+
+    assert asyncio.run(main()) == 1
+    store = make_store(tmp_path)
+    assert store.offsets.get(b"client", "t") == 3
+    store.close()
+
+
+def test_committed_offsets_alone_are_written_after_the_delay(tmp_path):
+    """With nothing published, the commit goes on its own, once the delay is over."""
+    from broker.storage import writer as writer_mod
+
+    async def main():
+        store = make_store(tmp_path)
+        writer = await start_writer(store)
+        spy = JobSpy(writer)
+        loop = asyncio.get_running_loop()
+        store.offsets.set(b"client", "t", 7)
+        t0 = loop.time()
+        writer.offsets_changed()
+        writer.offsets_changed()  # a second commit does not re-arm the timer
+        await asyncio.wait_for(spy.arrived.wait(), 10)
+        (when, job), = spy.jobs
+        assert job.offsets == {(b"client", "t"): 7} and not job.appends
+        assert when - t0 >= writer_mod._OFFSETS_DELAY * 0.9  # loop clock granularity
+        await writer.flush()
+        assert len(spy.jobs) == 1
+        await writer.close()
+        store.close()
+
+    asyncio.run(main())
+    store = make_store(tmp_path)
+    assert store.offsets.get(b"client", "t") == 7
+    store.close()
+
+
+def test_flush_writes_committed_offsets_at_once(tmp_path):
+    async def main():
+        store = make_store(tmp_path)
+        writer = await start_writer(store)
+        spy = JobSpy(writer)
+        loop = asyncio.get_running_loop()
+        store.offsets.set(b"client", "t", 9)
+        writer.offsets_changed()
+        t0 = loop.time()
+        await writer.flush()
+        (when, job), = spy.jobs
+        assert job.offsets == {(b"client", "t"): 9}
+        assert not store.offsets.dirty and writer._offsets_handle is None
+        await writer.close()
+        store.close()
+        return when - t0
+
+    waited = asyncio.run(main())
+    from broker.storage import writer as writer_mod
+    assert waited < writer_mod._OFFSETS_DELAY

@@ -83,6 +83,7 @@ _MAX_CALLS = 256          # disk calls waiting for the disk thread, at most
 _RETENTION_SLICE = 256    # topics checked per loop callback by the retention timer
 _SYNC_RETRY = 0.01        # s: look again this soon when the syncer is still busy
 _DOUBLE_BUFFER = 1 << 20  # backlog (bytes) above which a second job is queued
+_OFFSETS_DELAY = 0.005    # s an offsets-only job waits for a write to ride with
 
 
 class _Job:
@@ -143,6 +144,8 @@ class DiskWriter:
         self._want_checkpoint = False                # checkpoint() asked for one
         self._retention_handle: asyncio.Handle | None = None  # retention timer or slice
         self._kick_handle: asyncio.Handle | None = None  # _kick scheduled for this iteration
+        self._offsets_handle: asyncio.TimerHandle | None = None  # offsets-only job, later
+        self._offsets_due = False     # committed offsets have waited long enough: write them
         # At most two jobs (_in_flight <= 2) and one _WAKE: never full.
         self._queue: queue.Queue = queue.Queue(maxsize=3)
         # Disk thread state.
@@ -215,7 +218,21 @@ class DiskWriter:
         self._kick_soon()
 
     def offsets_changed(self) -> None:
-        self._kick_soon()
+        """Committed offsets changed: write them with the next job.
+
+        A commit does not wait for the disk (``CMT`` is answered at once),
+        so offsets alone do not start a job right away: they ride with the
+        next publish, or go on their own after ``_OFFSETS_DELAY``. A
+        consumer committing after every batch would otherwise double the
+        jobs, and a publish would queue behind the offsets write.
+        """
+        if self._offsets_handle is None and not self._offsets_due:
+            self._offsets_handle = self._loop.call_later(_OFFSETS_DELAY, self._offsets_timer)
+
+    def _offsets_timer(self) -> None:
+        self._offsets_handle = None
+        self._offsets_due = True
+        self._kick()
 
     def forget(self, transport) -> None:
         """A paused connection went away: nothing to resume."""
@@ -284,6 +301,9 @@ class DiskWriter:
         if self._kick_handle is not None:
             self._kick_handle.cancel()
             self._kick_handle = None
+        if self._offsets_handle is not None:
+            self._offsets_handle.cancel()
+            self._offsets_handle = None
         self._clean_stop = clean
         if self._thread.is_alive():
             self._queue.put(_STOP)
@@ -314,13 +334,20 @@ class DiskWriter:
             self._kick_handle = None
         if not self._may_submit() or not self._thread.is_alive():
             return
-        if not (self._pending or self._offsets.dirty or self._deletes or self._calls
-                or self._want_checkpoint):
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
-            return
+        if not (self._pending or self._deletes or self._calls or self._want_checkpoint):
+            if self._offsets.dirty:
+                if not (self._offsets_due or self._idle_waiters):
+                    return  # offsets alone wait for _offsets_timer (or a flush)
+            else:
+                waiters, self._idle_waiters = self._idle_waiters, []
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_result(None)
+                return
+        self._offsets_due = False
+        if self._offsets_handle is not None:
+            self._offsets_handle.cancel()
+            self._offsets_handle = None
         appends = []
         acks = []
         for topic, entries in self._pending.items():
