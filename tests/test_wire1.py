@@ -928,6 +928,30 @@ def test_decode_messages_namedtuple_factories(w):
     assert w.wire1.decode_messages(payload, "dm", 0, Unhashable())[0][0] == ("dm", 5, 77, b"a")
 
 
+def test_decode_messages_messages_are_whole_tuples(w):
+    """Messages built without tuple.__new__ (the compiled twin allocates
+    them directly) hash and compare as tuples, and hold their fields'
+    references exactly once; the compiled twin's stay out of the cyclic GC."""
+    import gc
+    import sys
+    from broker._pure import records as precords
+    from broker.client.message import Message
+    payload = _msg_payload(w, precords, [(5, b"a"), (6, b"bb"), (7, b"")])
+    topic = "".join(["refcount-", "topic"])  # a str of its own
+    before = sys.getrefcount(topic)
+    for _ in range(50):
+        msgs, _nxt = w.wire1.decode_messages(payload, topic, 0, Message)
+    assert sys.getrefcount(topic) == before + len(msgs)
+    expected = [Message(topic, 5, 77, b"a"), Message(topic, 6, 77, b"bb"),
+                Message(topic, 7, 77, b"")]
+    assert msgs == expected and [hash(m) for m in msgs] == [hash(m) for m in expected]
+    if w.name == "c":  # the compiled twin keeps them out of the GC's lists
+        assert not any(gc.is_tracked(m) for m in msgs)
+    assert msgs[2]._replace(value=b"z").value == b"z" and tuple(msgs[0]) == tuple(expected[0])
+    del msgs, expected
+    assert sys.getrefcount(topic) == before
+
+
 def test_decode_messages_refuses_corruption(w):
     from broker._pure import records as precords
     payload = bytearray(_msg_payload(w, precords, [(0, b"hello"), (1, b"world")]))

@@ -549,6 +549,38 @@ cdef extern from "Python.h":
     int PyObject_GC_IsTracked(object op)
 
 
+cdef extern from *:
+    """
+    /* A tuple subclass instance of four items, made the way CPython's
+       tuple_subtype_new makes it (tp_alloc, then the items) but without
+       the argument tuple and the call through tuple.__new__. Before 3.14
+       only: later tuples carry a cached hash that tp_alloc leaves zero. */
+    #if PY_VERSION_HEX < 0x030E0000
+    #define PLS_DIRECT_TUPLE4 1
+    static PyObject* pls_tuple4(PyObject* type, PyObject* a, PyObject* b, PyObject* c,
+                                PyObject* d) {
+        PyTypeObject* t = (PyTypeObject*)type;
+        PyObject* o = t->tp_alloc(t, 4);
+        if (o == NULL) return NULL;
+        Py_INCREF(a); PyTuple_SET_ITEM(o, 0, a);
+        Py_INCREF(b); PyTuple_SET_ITEM(o, 1, b);
+        Py_INCREF(c); PyTuple_SET_ITEM(o, 2, c);
+        Py_INCREF(d); PyTuple_SET_ITEM(o, 3, d);
+        return o;
+    }
+    #else
+    #define PLS_DIRECT_TUPLE4 0
+    static PyObject* pls_tuple4(PyObject* type, PyObject* a, PyObject* b, PyObject* c,
+                                PyObject* d) {
+        PyErr_SetString(PyExc_SystemError, "pls_tuple4 is not available");
+        return NULL;
+    }
+    #endif
+    """
+    bint PLS_DIRECT_TUPLE4
+    object pls_tuple4(object type, object a, object b, object c, object d)
+
+
 cdef inline bint _atomic(object topic):
     # The other fields are ints and bytes, which hold no references.
     return type(topic) is str or type(topic) is bytes
@@ -591,7 +623,10 @@ def decode_messages(payload, topic, min_offset, factory):
     cdef uint64_t nxt
     cdef list out = []
     cdef bint plain = _plain_namedtuple(factory)
-    cdef object value, msg
+    cdef bint direct = plain and PLS_DIRECT_TUPLE4 and (<type>factory).__itemsize__ == sizeof(void*)
+    cdef bint untrack = _atomic(topic)
+    cdef object value, msg, offset, when = None
+    cdef uint64_t last_time = 0
     if min_offset < 0:
         raise ValueError("min_offset must be >= 0")
     nxt = min_offset
@@ -617,16 +652,23 @@ def decode_messages(payload, topic, min_offset, factory):
             if hdr.offset >= nxt:
                 value = PyBytes_FromStringAndSize(
                     <const char*>p + pos + RECORD_HEADER_SIZE, hdr.length - RECORD_MIN_LENGTH)
+                offset = hdr.offset
+                if when is None or hdr.time != last_time:
+                    when = hdr.time  # one int object for a batch's shared time
+                    last_time = hdr.time
                 if plain:
-                    msg = tuple.__new__(factory, (topic, hdr.offset, hdr.time, value))
+                    if direct:
+                        msg = pls_tuple4(factory, topic, offset, when, value)
+                    else:
+                        msg = tuple.__new__(factory, (topic, offset, when, value))
                     # Like an exact tuple of atomic values, it cannot be part
                     # of a cycle: keep it out of the collector's lists, which
                     # a consumer's buffer of thousands would otherwise fill.
-                    if PyObject_GC_IsTracked(msg) and _atomic(topic):
+                    if untrack and PyObject_GC_IsTracked(msg):
                         PyObject_GC_UnTrack(<void*>msg)
                     out.append(msg)
                 else:
-                    out.append(factory(topic, hdr.offset, hdr.time, value))
+                    out.append(factory(topic, offset, when, value))
                 nxt = hdr.offset + 1
             seen += 1
             pos += 4 + hdr.length
