@@ -89,7 +89,7 @@ def test_caught_up_reads_come_from_memory(records_impl, tmp_path):
     batches = [[b"a%d-%d" % (i, j) for j in range(5)] for i in range(LOOKBACK + 3)]
     store, topic = _write(tmp_path, batches, tail_cache_bytes=1 << 20)
     assert len(topic.tail) == len(batches)
-    assert store.tail.bytes == sum(len(b) + ENTRY_OVERHEAD for _f, _e, b in topic.tail)
+    assert store.tail.bytes == sum(len(b) + ENTRY_OVERHEAD for _f, _e, b, _s in topic.tail)
     end = topic.end_offset
     conv = Recorder(records_impl)
     # In the newest batches: from memory, not CRC-checked again.
@@ -102,36 +102,73 @@ def test_caught_up_reads_come_from_memory(records_impl, tmp_path):
     assert got[0][0][2] == b"a0-0" and conv.verify == [True]
     assert store.stats["tail_reads"] == 1
     # Memory and file agree byte for byte.
-    first, last, buf = topic.tail[-1]
+    first, last, buf, _starts = topic.tail[-1]
     with open(topic.active.log_path, "rb") as f:
         data = f.read()
     assert bytes(buf) == data[-len(buf):]
     store.close()
 
 
-def test_a_whole_batch_is_taken_as_it_is(records_impl, tmp_path):
-    """``whole`` gets a cached batch only when the read starts at it and it
-    fits; every other read walks the records as before."""
-    batches = [[b"b%d-%d" % (i, j) for j in range(4)] for i in range(3)]
+def _wire1_twin(records_impl):
+    import importlib
+    pure = records_impl.__name__.startswith("broker._pure")
+    return importlib.import_module("broker._pure.wire1" if pure else "broker._speedups.wire1")
+
+
+def test_forwarded_records_are_what_message_frame_takes(records_impl, tmp_path):
+    """A v1 read from a cached batch (whole, or the part that fits, found by
+    bisecting the record positions) sends exactly the frame message_frame
+    would make by walking the batch, for every start and size limit."""
+    from broker.server.v1 import batch_frame
+    wire1 = _wire1_twin(records_impl)
+    batches = [[b"v%d-%d" % (i, j) + b"x" * (7 * j + i) for j in range(6)] for i in range(3)]
     store, topic = _write(tmp_path, batches, tail_cache_bytes=1 << 20)
-    first, last, buf = topic.tail[-1]
-    wholes = []
+    head = wire1.pack_str(b"t")
+    forwarded = []
 
-    def whole(b, count):
-        wholes.append((b, count))
-        return "frame"
+    def forward(recs, count):
+        forwarded.append(count)
+        return batch_frame(5, head, recs, count)
 
+    def unused(*args):
+        raise AssertionError("a cached batch was walked")
+
+    end = topic.end_offset
+    for first, last, buf, _starts in list(topic.tail):
+        bounds = records_impl.index_entries(buf, 0, 0, 1, first)[0]
+        ends = [int.from_bytes(bounds[k + 4:k + 8], "big") for k in range(8, len(bounds), 8)]
+        ends.append(len(buf))  # where each record ends
+        for offset in range(first, last):
+            here = 0 if offset == first else ends[offset - first - 1]
+            # Every record end as a limit, one byte either side, and beyond.
+            limits = {x - here + e for x in ends if x > here for e in (-1, 0, 1)}
+            for max_bytes in sorted(limits | {1, 1 << 16}):
+                frame, count, nxt, _used = wire1.message_frame(buf, 5, b"t", offset, end,
+                                                               max_bytes, False)
+                assert topic.read(offset, max_bytes, unused, forward) == (frame, count, nxt)
+    assert len(forwarded) == store.stats["tail_reads"] > 0
+    # Positions were computed once per batch and are counted in the budget.
+    assert all(s is not None and len(s) == e - f for f, e, _b, s in topic.tail)
+    assert store.tail.bytes == sum(len(b) + ENTRY_OVERHEAD + 4 * len(s)
+                                   for _f, _e, b, s in topic.tail)
+    # Without a forward function (v0 subscriptions) the batch is walked.
     conv = Recorder(records_impl)
-    assert topic.read(first, len(buf), conv, whole) == ("frame", 4, last)
-    assert wholes == [(buf, 4)] and conv.verify == []
-    # Starting inside the batch, or with room for less than all of it: walked.
-    got = topic.read(first + 1, 1 << 16, conv, whole)
-    assert [r[2] for r in got[0]] == batches[-1][1:]
-    got = topic.read(first, len(buf) - 1, conv, whole)
-    assert conv.verify == [False, False] and len(wholes) == 1  # (Recorder ignores max_bytes)
-    # Without a whole function (v0 subscriptions) the batch is walked too.
+    first, last, buf, _starts = topic.tail[-1]
     got = topic.read(first, 1 << 16, conv)
-    assert got[1] == 4 and len(wholes) == 1
+    assert got[1] == last - first and conv.verify == [False]
+    store.close()
+
+
+def test_positions_count_against_the_budget(records_impl, tmp_path):
+    """Computing a batch's record positions can push older batches out."""
+    batches = [[b"p%d-%d" % (i, j) for j in range(50)] for i in range(3)]
+    store, topic = _write(tmp_path, batches, tail_cache_bytes=1 << 20)
+    sizes = [len(b) + ENTRY_OVERHEAD for _f, _e, b, _s in topic.tail]
+    store.tail.max_bytes = sum(sizes) + 4 * 50 - 1  # room for one batch's positions, minus 1
+    entry = topic.tail[-1]
+    store.tail.starts(entry)
+    assert len(topic.tail) == 2 and topic.tail[-1] is entry
+    assert store.tail.bytes == sizes[1] + sizes[2] + 4 * 50
     store.close()
 
 

@@ -25,15 +25,15 @@ _to_v0 = records.records_to_deliveries
 class Subscription:
     """One topic delivered to one connection from ``offset`` on."""
 
-    __slots__ = ("conn", "topic", "offset", "convert", "whole", "auto_commit")
+    __slots__ = ("conn", "topic", "offset", "convert", "forward", "auto_commit")
 
     def __init__(self, conn, topic: TopicLog, offset: int, convert, auto_commit: bool,
-                 whole=None) -> None:
+                 forward=None) -> None:
         self.conn = conn              # the Connection receiving the messages
         self.topic = topic            # the log read from
         self.offset = offset          # next offset to write to the transport
         self.convert = convert        # stored records -> wire frames, one call per chunk
-        self.whole = whole            # a whole cached batch -> one frame (v1), or None
+        self.forward = forward        # cached records -> one frame as they are (v1), or None
         self.auto_commit = auto_commit  # v0: commit what was sent; v1: the client commits
 
     @classmethod
@@ -51,4 +51,4 @@ class Subscription:
 
     def read(self, max_bytes: int):
         """The next chunk of frames: ``(frames, count, next_offset)`` or None."""
-        return self.topic.read(self.offset, max_bytes, self.convert, self.whole)
+        return self.topic.read(self.offset, max_bytes, self.convert, self.forward)

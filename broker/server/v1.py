@@ -31,11 +31,12 @@ _MSG_HEAD = struct.Struct(">I3sI")  # frame length, type, request id
 
 
 def batch_frame(rid: int, name_head: bytes, buf, count: int) -> bytes:
-    """The ``MSG`` frame of a whole batch of ``count`` valid records.
+    """The ``MSG`` frame of ``buf``: ``count`` valid records, taken as they are.
 
     ``name_head`` is the topic as ``wire1.pack_str`` packs it. The same
     bytes ``wire1.message_frame`` makes of ``buf`` when it takes every
-    record, without walking them: for a tail-cache batch (TopicLog.read).
+    record, without walking them: for records of a tail-cache batch
+    (``TopicLog.read``).
     """
     size = wire1.FRAME_HEADER + len(name_head) + 4 + len(buf)
     return b"".join((_MSG_HEAD.pack(size, b"MSG", rid), name_head, _U32.pack(count), buf))
@@ -292,10 +293,10 @@ class V1Handlers:
         def convert(buf, from_offset, end_offset, max_bytes, verify):
             return message_frame(buf, rid, name_bytes, from_offset, end_offset, max_bytes, verify)
 
-        def whole(buf, count):
-            return batch_frame(rid, name_head, buf, count)
+        def forward(records, count):
+            return batch_frame(rid, name_head, records, count)
 
-        sub = Subscription(self, topic, offset, convert, auto_commit=False, whole=whole)
+        sub = Subscription(self, topic, offset, convert, auto_commit=False, forward=forward)
         self._v1_reply(rid, _U64.pack(offset))
         self.subs[topic.name] = sub
         topic.subscribers.add(sub)

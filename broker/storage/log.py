@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 # convert(buf, from_offset, end_offset, max_bytes, verify) -> (out, count, next_offset, used);
 # verify=False for batches from the tail cache (see tailcache.py)
 Converter = Callable[[bytes, int, int, int, bool], tuple]  # buf, from, end, max_bytes, verify
-# whole(buf, count) -> out: a whole tail-cache batch, its records forwarded as they are
-Whole = Callable[[bytes, int], bytes]
+# forward(records, count) -> out: a run of valid records from a tail-cache batch, framed
+# as they are (a v1 MSG)
+Forward = Callable[[bytes, int], bytes]
 
 
 class AppendResult:
@@ -66,7 +67,7 @@ class TopicLog:
         "name", "name_bytes", "directory", "segments", "_bases", "_sealed_bytes",
         "end_offset", "next_offset", "subscribers", "active", "interval",
         "config", "overrides", "stats", "rcache", "wcache",
-        "materialized", "last_time", "durable", "tail",
+        "materialized", "last_time", "durable", "tail", "tail_cache",
     )
 
     def __init__(self, name: str, directory: str, segments: list[Segment], config: TopicConfig,
@@ -92,6 +93,7 @@ class TopicLog:
         self.last_time = self.active.last_time     # newest append time, ms (disk thread)
         self.durable: CheckpointEntry | None = None  # state at the last fsync (disk thread)
         self.tail: collections.deque = collections.deque()  # newest batches (TailCache; loop)
+        self.tail_cache = None        # the TailCache keeping them (set by the LogStore)
 
     @classmethod
     def create(cls, name: str, directory: str, config: TopicConfig, interval: int,
@@ -158,7 +160,7 @@ class TopicLog:
 
     # -- event loop --------------------------------------------------------
 
-    def read(self, offset: int, max_bytes: int, convert: Converter, whole: Whole | None = None):
+    def read(self, offset: int, max_bytes: int, convert: Converter, forward: Forward | None = None):
         """Convert records from ``offset`` on, about ``max_bytes`` of them.
 
         Returns ``convert``'s ``(out, count, next_offset)`` for the first
@@ -167,8 +169,10 @@ class TopicLog:
         oldest kept one, and is counted (``offset_resets``). Finds the
         segment by binary search on base offsets and the position by the
         sparse index, then reads forward: O(log segments + index interval).
-        With ``whole``, a read that starts at a tail-cache batch which fits
-        ``max_bytes`` takes that batch as it is: ``whole(buf, count)``.
+        With ``forward``, a read from a tail-cache batch takes its records as
+        they are, ``forward(records, count)``: the whole batch when it fits
+        ``max_bytes``, else the part that does, found by bisecting the
+        batch's record positions (``TailCache.starts``); no walk per read.
         Raises :class:`records.CorruptRecordError` rather than serve a bad record.
         """
         end = self.end_offset
@@ -185,13 +189,14 @@ class TopicLog:
             # still holds (broker/storage/tailcache.py), CRCs not re-checked.
             k = len(tail)
             for j in range(k - 1, max(k - LOOKBACK, 0) - 1, -1):
-                first, last, buf = tail[j]
+                entry = tail[j]
+                first, last, buf, starts = entry
                 if first <= offset:
-                    if offset == first and whole is not None and len(buf) <= max_bytes \
-                            and last <= end:
-                        # The reader wants this whole batch: no record walk.
+                    if forward is not None and offset < last <= end:
                         self.stats["tail_reads"] += 1
-                        return whole(buf, last - first), last - first, last
+                        if offset == first and len(buf) <= max_bytes:
+                            return forward(buf, last - first), last - first, last
+                        return self._forward_part(entry, offset, max_bytes, forward)
                     if offset < last:
                         out, count, nxt, _used = convert(buf, offset, end, max_bytes, False)
                         if count:
@@ -229,6 +234,23 @@ class TopicLog:
                 want = span  # one record larger than max_bytes: read it whole
                 continue
             raise records.CorruptRecordError(pos, "record in %s cannot be read" % seg.log_path)
+
+    def _forward_part(self, entry, offset: int, max_bytes: int, forward: Forward):
+        """Records ``offset`` on of a tail-cache batch, as many as fit ``max_bytes``
+        (at least one), as ``message_frame`` would take them."""
+        first, last, buf, starts = entry
+        if starts is None:
+            starts = self.tail_cache.starts(entry)
+        n = last - first
+        i = offset - first
+        a = starts[i]
+        if len(buf) - a <= max_bytes:
+            m = n
+        else:
+            # Records i .. m-1 end at starts[m]: the largest m with starts[m] <= a + max_bytes.
+            m = max(bisect.bisect_right(starts, a + max_bytes, i + 1) - 1, i + 1)
+        b = starts[m] if m < n else len(buf)
+        return forward(memoryview(buf)[a:b], m - i), m - i, first + m
 
     def offset_for_time(self, ts_ms: int) -> int:
         """The first offset whose append time is at or after ``ts_ms``.

@@ -126,6 +126,7 @@ class LogStore:
             if entry is not None and (entry.base_offset, entry.size, entry.end_offset) != (
                     topic.active.base_offset, topic.active.size, topic.active.end_offset):
                 stale = True
+            topic.tail_cache = self.tail
             self.topics[name] = topic
         self.offsets.load()
         scanned = self.stats["recovery_scanned_bytes"] - scanned_before
@@ -168,6 +169,7 @@ class LogStore:
             topic = self.topics[name] = TopicLog.create(
                 name, directory, self.defaults, self.interval, self.rcache, self.wcache,
                 self.stats)
+            topic.tail_cache = self.tail
             log.info("created topic %s", name)
         return topic
 
