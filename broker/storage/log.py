@@ -193,10 +193,12 @@ class TopicLog:
                 first, last, buf, starts = entry
                 if first <= offset:
                     if forward is not None and offset < last <= end:
-                        self.stats["tail_reads"] += 1
                         if offset == first and len(buf) <= max_bytes:
+                            self.stats["tail_reads"] += 1
                             return forward(buf, last - first), last - first, last
-                        return self._forward_part(entry, offset, max_bytes, forward)
+                        if self.tail_cache is not None:
+                            self.stats["tail_reads"] += 1
+                            return self._forward_part(entry, offset, max_bytes, forward)
                     if offset < last:
                         out, count, nxt, _used = convert(buf, offset, end, max_bytes, False)
                         if count:

@@ -232,7 +232,7 @@ class DiskWriter:
     def _offsets_timer(self) -> None:
         self._offsets_handle = None
         self._offsets_due = True
-        self._kick()
+        self._kick_soon()  # after this iteration's reads: their publishes ride along
 
     def forget(self, transport) -> None:
         """A paused connection went away: nothing to resume."""
