@@ -409,43 +409,47 @@ class JobSpy:
         writer._queue.put_nowait = put_nowait
 
 
-def test_committed_offsets_ride_with_the_next_publish(tmp_path):
-    """A commit alone starts no job; the next publish's job carries it."""
+def _commit_then(tmp_path, offset: int, scenario):
+    """Set client's committed offset on topic t, run ``scenario(store, writer,
+    spy, loop)``, close; the offset must be in the journal when reopened."""
     async def main():
         store = make_store(tmp_path)
-        topic = store.get_or_create("t")
         writer = await start_writer(store)
         spy = JobSpy(writer)
-        store.offsets.set(b"client", "t", 3)
+        store.offsets.set(b"client", "t", offset)
+        result = await scenario(store, writer, spy, asyncio.get_running_loop())
+        await writer.close()
+        store.close()
+        return result
+
+    result = asyncio.run(main())
+    store = make_store(tmp_path)
+    assert store.offsets.get(b"client", "t") == offset
+    store.close()
+    return result
+
+
+def test_committed_offsets_ride_with_the_next_publish(tmp_path):
+    """A commit alone starts no job; the next publish's job carries it."""
+    async def scenario(store, writer, spy, loop):
         writer.offsets_changed()
         for _ in range(5):
             await asyncio.sleep(0)  # loop iterations, far less than the delay
         assert spy.jobs == []
-        publish(writer, topic, [b"a", b"b"])
+        publish(writer, store.get_or_create("t"), [b"a", b"b"])
         await spy.arrived.wait()
         (_, job), = spy.jobs
         assert job.offsets == {(b"client", "t"): 3} and job.appends[0][2] == 2
         assert writer._offsets_handle is None  # the timer went with it
-        await writer.close()
-        store.close()
-        return len(spy.jobs)
 
-    assert asyncio.run(main()) == 1
-    store = make_store(tmp_path)
-    assert store.offsets.get(b"client", "t") == 3
-    store.close()
+    _commit_then(tmp_path, 3, scenario)
 
 
 def test_committed_offsets_alone_are_written_after_the_delay(tmp_path):
     """With nothing published, the commit goes on its own, once the delay is over."""
     from broker.storage import writer as writer_mod
 
-    async def main():
-        store = make_store(tmp_path)
-        writer = await start_writer(store)
-        spy = JobSpy(writer)
-        loop = asyncio.get_running_loop()
-        store.offsets.set(b"client", "t", 7)
+    async def scenario(store, writer, spy, loop):
         t0 = loop.time()
         writer.offsets_changed()
         writer.offsets_changed()  # a second commit does not re-arm the timer
@@ -455,32 +459,20 @@ def test_committed_offsets_alone_are_written_after_the_delay(tmp_path):
         assert when - t0 >= writer_mod._OFFSETS_DELAY * 0.9  # loop clock granularity
         await writer.flush()
         assert len(spy.jobs) == 1
-        await writer.close()
-        store.close()
 
-    asyncio.run(main())
-    store = make_store(tmp_path)
-    assert store.offsets.get(b"client", "t") == 7
-    store.close()
+    _commit_then(tmp_path, 7, scenario)
 
 
 def test_flush_writes_committed_offsets_at_once(tmp_path):
-    async def main():
-        store = make_store(tmp_path)
-        writer = await start_writer(store)
-        spy = JobSpy(writer)
-        loop = asyncio.get_running_loop()
-        store.offsets.set(b"client", "t", 9)
+    from broker.storage import writer as writer_mod
+
+    async def scenario(store, writer, spy, loop):
         writer.offsets_changed()
         t0 = loop.time()
         await writer.flush()
         (when, job), = spy.jobs
         assert job.offsets == {(b"client", "t"): 9}
         assert not store.offsets.dirty and writer._offsets_handle is None
-        await writer.close()
-        store.close()
         return when - t0
 
-    waited = asyncio.run(main())
-    from broker.storage import writer as writer_mod
-    assert waited < writer_mod._OFFSETS_DELAY
+    assert _commit_then(tmp_path, 9, scenario) < writer_mod._OFFSETS_DELAY
