@@ -216,16 +216,21 @@ def _sessions(sh: Shared, rng: random.Random, connect, failure, max_seconds: flo
         yield conn, time.monotonic() + rng.uniform(0.5, max_seconds), rng.random() < 0.5
 
 
-def _end_v1(sh: Shared, client, abrupt: bool) -> None:
+def _end(sh: Shared, abrupt: bool, kill, close) -> None:
+    """End a session: ``kill()`` it (abrupt, counted) or ``close()`` it politely."""
     if abrupt:
         with sh.lock:
             sh.counts["abrupt_ends"] += 1
-        _abort(client)
+        kill()
     else:
         try:
-            client.close()
+            close()
         except Exception:  # noqa: BLE001 - closing a dead connection
             pass
+
+
+def _end_v1(sh: Shared, client, abrupt: bool) -> None:
+    _end(sh, abrupt, lambda: _abort(client), client.close)
 
 
 def v1_producer(sh: Shared, port: int, topic: str, name: str, rng: random.Random) -> None:
@@ -302,6 +307,15 @@ def _rst_close(sock: socket.socket) -> None:
     sock.close()
 
 
+def _v0_goodbye(sock: socket.socket) -> None:
+    """The v0 close frame (length 0), then close."""
+    try:
+        sock.sendall(b"\x00\x00\x00\x00")
+    except OSError:
+        pass
+    sock.close()
+
+
 def _v0_connect(port: int, hello: bytes) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     try:
@@ -335,16 +349,7 @@ def v0_producer(sh: Shared, port: int, name: str, rng: random.Random) -> None:
                 time.sleep(rng.uniform(0, 0.03))
         except OSError:
             abrupt = True
-        if abrupt:
-            with sh.lock:
-                sh.counts["abrupt_ends"] += 1
-            _rst_close(sock)
-        else:
-            try:
-                sock.sendall(b"\x00\x00\x00\x00")
-            except OSError:
-                pass
-            sock.close()
+        _end(sh, abrupt, lambda: _rst_close(sock), lambda: _v0_goodbye(sock))
 
 
 def v0_consumer(sh: Shared, port: int, name: str, rng: random.Random, seen: list) -> None:
