@@ -34,6 +34,7 @@ def _ext_modules():
             "broker._speedups." + name,
             ["broker/_speedups/%s.pyx" % name],
             libraries=["z"],
+            depends=["broker/_speedups/crc32_clmul.h"],
             define_macros=macros,
             extra_compile_args=["-O2"],
         )

@@ -28,7 +28,8 @@ from .stream import ChunkedReader
 __all__ = [
     "OP_CLOSE", "OP_REG", "OP_CID", "OP_SUB", "OP_SET", "OP_PUB", "OP_PNG",
     "OP_BADCRC", "OP_UNKNOWN", "OP_MALFORMED", "OP_ERROR", "OP_HEL",
-    "FrameReader", "crc32", "encode_frame", "encode_pub", "encode_deliveries",
+    "CRC32_KERNEL", "FrameReader", "crc32", "encode_frame", "encode_pub",
+    "encode_deliveries",
 ]
 
 # Event kinds returned by FrameReader.feed(); the Cython twin uses the same ints.
@@ -49,6 +50,9 @@ _U32 = struct.Struct(">I")
 _unpack_u32 = _U32.unpack_from
 _pack_u32 = _U32.pack
 
+#: What computes CRC-32: always zlib here (the Cython twin may say
+#: ``"pclmulqdq"``).
+CRC32_KERNEL = "zlib"
 crc32 = zlib.crc32
 
 

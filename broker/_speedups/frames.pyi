@@ -8,7 +8,8 @@ from typing_extensions import Buffer
 __all__ = [
     "OP_CLOSE", "OP_REG", "OP_CID", "OP_SUB", "OP_SET", "OP_PUB", "OP_PNG",
     "OP_BADCRC", "OP_UNKNOWN", "OP_MALFORMED", "OP_ERROR", "OP_HEL",
-    "FrameReader", "crc32", "encode_frame", "encode_pub", "encode_deliveries",
+    "CRC32_KERNEL", "FrameReader", "crc32", "encode_frame", "encode_pub",
+    "encode_deliveries",
 ]
 
 OP_CLOSE: Final[int]      # (OP_CLOSE, None, None): zero-length frame, client leaves
@@ -23,6 +24,8 @@ OP_UNKNOWN: Final[int]    # (OP_UNKNOWN, first bytes of the body (<= 16), None)
 OP_MALFORMED: Final[int]  # (OP_MALFORMED, command: bytes, reason: str)
 OP_ERROR: Final[int]      # (OP_ERROR, reason: str, None): framing broken, reader stops
 OP_HEL: Final[int]        # (OP_HEL, None, None): a first frame of type HEL; call detach()
+
+CRC32_KERNEL: Final[str]  # "pclmulqdq" or "zlib": what computes CRC-32 here
 
 Event = Union[
     tuple[int, None, None],

@@ -5,7 +5,8 @@ Same names, signatures, events and bytes as the pure module, which is the
 reference (see its docstring for the protocol). What differs is where the
 work happens: frames are parsed straight from the caller's buffer, message
 bytes are cut with one ``PyBytes_FromStringAndSize`` each and CRCs go to
-zlib's C function, so Python-level work is per event, not per byte.
+C (``crc32_clmul.h``: PCLMULQDQ where the CPU has it, else zlib), so
+Python-level work is per event, not per byte.
 """
 
 cimport cython
@@ -22,14 +23,14 @@ from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport UINT32_MAX, int64_t, uint32_t
 from libc.string cimport memchr, memcmp, memcpy
 
-from ._zlib cimport crc32_update
+from ._crc32 cimport crc32_accelerated, crc32_update
 
 import struct
 
 __all__ = [
     "OP_CLOSE", "OP_REG", "OP_CID", "OP_SUB", "OP_SET", "OP_PUB", "OP_PNG",
     "OP_BADCRC", "OP_UNKNOWN", "OP_MALFORMED", "OP_ERROR", "OP_HEL",
-    "FrameReader", "crc32", "encode_frame", "encode_pub", "encode_deliveries",
+    "CRC32_KERNEL", "FrameReader", "crc32", "encode_frame", "encode_pub", "encode_deliveries",
 ]
 
 # Plain ints with the pure module's values (see its table for the tuples).
@@ -415,6 +416,11 @@ cdef class FrameReader:
         else:
             events.append((EV_UNKNOWN, _make_bytes(body, n if n < 16 else 16), None))
         return 0
+
+
+#: What computes CRC-32 in this process: ``"pclmulqdq"`` (carry-less
+#: multiplication, chosen at run time when the CPU has it) or ``"zlib"``.
+CRC32_KERNEL = "pclmulqdq" if crc32_accelerated() else "zlib"
 
 
 def crc32(data, value=0, /):

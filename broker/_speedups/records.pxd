@@ -4,7 +4,7 @@
 
 from libc.stdint cimport uint32_t, uint64_t
 
-from ._zlib cimport crc32_update
+from ._crc32 cimport crc32_update
 
 
 cdef enum:

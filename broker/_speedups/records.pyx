@@ -23,8 +23,9 @@ from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport UINT32_MAX, UINT64_MAX, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from ._zlib cimport (
-    CRC_NOGIL_THRESHOLD, crc32, crc32_apply_op, crc32_run, crc32_shift_op, crc32_update,
+from ._crc32 cimport (
+    CRC_NOGIL_THRESHOLD, crc32, crc32_accelerated, crc32_apply_op, crc32_run, crc32_shift_op,
+    crc32_update,
 )
 
 import struct
@@ -182,8 +183,11 @@ cdef Py_ssize_t _put_record(unsigned char* p, Py_ssize_t pos, Py_ssize_t total,
 
 cdef enum:
     # Payloads shorter than this are hashed again rather than combined: a
-    # combination costs about as much as hashing ~100 bytes.
-    _COMBINE_MIN = 128
+    # combination (crc32_apply_op, bit-serial) costs ~80 ns, about as much
+    # as zlib hashing ~100 bytes or the PCLMULQDQ fold hashing ~2 KiB
+    # (bench/codec.py's stamp_records case, both ways).
+    _COMBINE_MIN_ZLIB = 128
+    _COMBINE_MIN_CLMUL = 2048
 
 
 cdef Py_ssize_t _stamp(unsigned char* p, Py_ssize_t end, uint64_t base, uint64_t ts,
@@ -192,6 +196,7 @@ cdef Py_ssize_t _stamp(unsigned char* p, Py_ssize_t end, uint64_t base, uint64_t
     cdef Py_ssize_t pos = 0, count = 0, n
     cdef uint32_t length, tail, op = 0
     cdef Py_ssize_t op_len = -1
+    cdef Py_ssize_t combine_min = _COMBINE_MIN_CLMUL if crc32_accelerated() else _COMBINE_MIN_ZLIB
     cdef unsigned char* rec
     while pos < end:
         if end - pos < RECORD_HEADER_SIZE:
@@ -203,7 +208,7 @@ cdef Py_ssize_t _stamp(unsigned char* p, Py_ssize_t end, uint64_t base, uint64_t
         n = length - RECORD_MIN_LENGTH
         store_be64(rec + 8, base + <uint64_t>count)
         store_be64(rec + 16, ts)
-        if n >= _COMBINE_MIN:
+        if n >= combine_min:
             # crc(offset + time + payload) from crc(payload), which the
             # publisher sent and publish_records checked: no second pass.
             if n != op_len:
@@ -223,8 +228,9 @@ def stamp_records(buf, base_offset, timestamp_ms):
     """Finish ``wire1.publish_records`` records in place: ``(count, last_len)``.
 
     See the pure twin. Each record CRC is combined from the payload CRC in
-    the CRC field (zlib's crc32_combine, written out in _zlib.pxd), so the
-    payload is not read again; the GIL is released over large buffers.
+    the CRC field (zlib's crc32_combine, written out in _crc32.pxd), so the
+    payload is not read again, unless hashing it again is cheaper (short
+    payloads; see _COMBINE_MIN_*); the GIL is released over large buffers.
     """
     cdef Py_buffer view
     cdef Py_ssize_t got, last = 0

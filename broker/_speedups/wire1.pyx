@@ -20,7 +20,7 @@ from cpython.ref cimport Py_INCREF
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
-from ._zlib cimport CRC_NOGIL_THRESHOLD, crc32_run, crc32_update
+from ._crc32 cimport CRC_NOGIL_THRESHOLD, crc32_run, crc32_update
 from .records cimport (
     RECORD_HEADER_SIZE, RECORD_MIN_LENGTH, RecordHeader, crc_matches, load_be32,
     read_header, store_be32, store_be64,
