@@ -476,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--consumers", type=int, help="consumer connections")
     g.add_argument("--procs", type=int, help="worker processes per role")
     g.add_argument("--connections", type=int, help="connections for the conn scenarios")
+    ap.add_argument("--warm-memory", type=float, default=0.0, metavar="GIB",
+                    help="first touch and release GIB GiB of memory, so that the page cache "
+                         "lands on RAM the machine has already backed (on VMs that back guest "
+                         "RAM lazily, first-touch writes are several times slower; see "
+                         "docs/benchmarks.md; default: 0, off)")
     ap.add_argument("--max-seconds", type=float, default=90.0,
                     help="time limit per run; a run over it is stopped and reported (default: 90)")
     ap.add_argument("--json", metavar="FILE", help="write every figure, the settings and the machine as JSON")
@@ -559,9 +564,53 @@ def check_peers(peers: list[str]) -> dict:
     return missing
 
 
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def warm_memory(gib: float) -> tuple[int, float]:
+    """Touch ``gib`` GiB of anonymous memory once, then release it: (bytes, seconds).
+
+    Some hypervisors back guest RAM only when the guest first writes it;
+    until then every new page (the page cache our log writes fill, a
+    consumer's fresh heap) costs a trip to the host, and pwrite into such
+    pages ran at 0.7 to 0.9 GB/s here against 4 to 5 GB/s once warm. The
+    released pages go back to the guest's free lists, still backed, and are
+    what the next allocations get. Capped at MemAvailable less 2 GiB.
+    """
+    import mmap
+    want = int(gib * 2 ** 30)
+    cap = _mem_available() - 2 * 2 ** 30
+    size = max(0, min(want, cap)) // mmap.PAGESIZE * mmap.PAGESIZE
+    if size <= 0:
+        return 0, 0.0
+    t0 = time.monotonic()
+    m = mmap.mmap(-1, size)
+    try:
+        page = mmap.PAGESIZE
+        for pos in range(0, size, page):
+            m[pos] = 1
+    finally:
+        m.close()
+    return size, time.monotonic() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     runs, notes = make_runs(args)
+    if args.warm_memory > 0:
+        size, secs = warm_memory(args.warm_memory)
+        msg = "warmed %.1f GiB of memory in %.1f s before the runs (--warm-memory %g)" % (
+            size / 2 ** 30, secs, args.warm_memory)
+        notes.append(msg)
+        print("bench: " + msg, file=sys.stderr)
     peers = sorted({r.system for r in runs if r.system in PEERS}, key=PEERS.index)
     missing = check_peers(peers)
     for p, why in missing.items():
@@ -636,10 +685,10 @@ def render(results, peers, notes, machine, load_after, args, started, elapsed, i
     lines = [
         "## pylogstreams end-to-end benchmark",
         "",
-        "%s; %s cores, %s, %s GiB; Linux %s; %s %s; %s; fsync %s; %d-byte messages; %s"
+        "%s; %s cores, %s, %s GiB; Linux %s; %s %s; CRC-32 %s; %s; fsync %s; %d-byte messages; %s"
         % (started, m["nproc"], m["cpu"], m["memory_gib"], m["kernel"], m["implementation"],
-           m["python"], "--quick" if args.quick else "full run", args.fsync, args.size,
-           "%.0f s" % elapsed),
+           m["python"], m.get("crc32", "?"), "--quick" if args.quick else "full run", args.fsync,
+           args.size, "%.0f s" % elapsed),
         "",
         "Load average before / after: %s / %s%s" % (
             " ".join("%.2f" % x for x in m["loadavg"]), " ".join("%.2f" % x for x in load_after),

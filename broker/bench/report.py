@@ -51,9 +51,14 @@ def machine_info() -> dict:
                     mem = int(line.split()[1]) * 1024
     except OSError:
         pass
+    try:  # the compiled codec's CRC-32 kernel; the pure twin always uses zlib
+        from .._speedups.frames import CRC32_KERNEL as crc32
+    except ImportError:
+        crc32 = "zlib (no compiled codec)"
     return {
         "nproc": os.cpu_count(),
         "cpu": model,
+        "crc32": crc32,
         "memory_gib": round(mem / 2 ** 30, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
