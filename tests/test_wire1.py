@@ -511,7 +511,13 @@ def test_publish_records_same_errors_as_parse_publish(w):
                b"\0\x01t" + u32(0xFFFFFFFF) + b"\0" * 64,
                b"\0\x01t" + u32(1) + struct.pack(">II", 9, 0) + b"abc",
                b"\0\x01t" + u32(2) + struct.pack(">II", 5, zlib.crc32(b"abcde")) + b"abcde" + b"\0" * 7,
-               raw_pub_payload(b"t", [b"x"]) + b"abc"]
+               raw_pub_payload(b"t", [b"x"]) + b"abc",
+               # The pure twin's fast path checks the CRC of what is there
+               # before it notices the message runs past the end: a CRC that
+               # matches the truncated part must still be refused.
+               b"\0\x01t" + u32(1) + struct.pack(">II", 9, zlib.crc32(b"abc")) + b"abc",
+               b"\0\x01t" + u32(2) + raw_pub_payload(b"", [b"ok"])[6:]
+               + struct.pack(">II", 9, zlib.crc32(b"abc")) + b"abc"]
     payload = raw_pub_payload(b"topic", [b"abc", b"", b"defgh"])
     samples += [payload[:cut] for cut in range(len(payload))]
     for sample in samples:

@@ -86,18 +86,22 @@ def stamp_records(buf, base_offset: int, timestamp_ms: int):
     last = 0
     unpack_len, pack_len, pack_tail, crc32 = _LEN.unpack_from, _LEN.pack_into, _OFF_TIME.pack_into, zlib.crc32
     view = memoryview(buf)
+    length = -4
     while pos < end:
-        if end - pos < HEADER_SIZE:
-            raise ValueError("stamp_records: truncated record at byte %d" % pos)
-        length = unpack_len(buf, pos)[0]
-        if length < _MIN_LENGTH or length > end - pos - 4:
+        try:
+            length = unpack_len(buf, pos)[0]
+        except struct.error:  # under 4 bytes left
+            length = -4
+        nxt = pos + 4 + length
+        if length < _MIN_LENGTH or nxt > end:
+            if end - pos < HEADER_SIZE:
+                raise ValueError("stamp_records: truncated record at byte %d" % pos)
             raise ValueError("stamp_records: bad record length at byte %d" % pos)
         pack_tail(buf, pos + 8, off, timestamp_ms)
-        pack_len(buf, pos + 4, crc32(view[pos + 8:pos + 4 + length]))
-        last = 4 + length
-        pos += last
+        pack_len(buf, pos + 4, crc32(view[pos + 8:nxt]))
+        pos = nxt
         off += 1
-    return off - base_offset, last
+    return off - base_offset, (4 + length if off > base_offset else 0)
 
 
 def _check_start(start: int) -> None:

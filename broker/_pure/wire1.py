@@ -51,6 +51,7 @@ _HEAD = struct.Struct(">I3sI")
 _PUB_ITEM = struct.Struct(">II")
 _REC_HEAD = struct.Struct(">II")  # a record's length and CRC fields
 _REC_HDR = struct.Struct(">IIQQ")  # a whole record header
+_REC_HEAD_ZEROS = struct.Struct(">II16x")  # length and CRC, offset and time zero
 _unpack_u32 = _U32.unpack_from
 _unpack_u16 = _U16.unpack_from
 
@@ -216,6 +217,9 @@ def publish_records(payload):
     :func:`parse_publish` does.
     """
     topic, count, pos = _pub_head(payload)
+    out = _publish_records_fast(payload, pos, count)
+    if out is not None:
+        return topic, out, count, -1
     end = len(payload)
     first = pos
     # One pass: the size is known from the count (a layout error raises
@@ -247,6 +251,32 @@ def publish_records(payload):
     if bad >= 0:
         return topic, None, count, bad
     return topic, out, count, -1
+
+
+def _publish_records_fast(payload, pos: int, count: int):
+    # publish_records for a well-formed batch whose every CRC matches: the
+    # fewest Python steps per message, one copy (the join). Anything else
+    # (a bad CRC, a layout error) returns None and takes the exact path,
+    # which finds the first bad message or the error to raise.
+    view = memoryview(payload)
+    unpack_item, pack_head, crc32 = _PUB_ITEM.unpack_from, _REC_HEAD_ZEROS.pack, zlib.crc32
+    parts: list = []
+    append = parts.append
+    try:
+        for _ in range(count):
+            n, crc = unpack_item(view, pos)
+            start = pos + 8
+            pos = start + n
+            msg = view[start:pos]
+            if crc32(msg) != crc:
+                return None
+            append(pack_head(n + HEADER_SIZE - 4, crc))
+            append(msg)
+    except struct.error:  # a header past the end
+        return None
+    if pos != len(payload):  # a message past the end, or trailing bytes
+        return None
+    return bytearray().join(parts)
 
 
 def message_frame(buf, rid: int, topic, from_offset: int, end_offset: int, max_bytes: int,
