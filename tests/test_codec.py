@@ -389,9 +389,10 @@ def test_crc_mismatch(codec):
 
 
 def test_crc_of_a_large_message(codec):
-    # > 64 KiB: the Cython twin computes this CRC without the GIL
-    msg = os.urandom(200_000)
-    reader = codec.frames.FrameReader()
+    # Over 1 MiB: the Cython twin computes this CRC without the GIL (over
+    # 64 KiB where it hashes with zlib)
+    msg = os.urandom(1_200_000)
+    reader = codec.frames.FrameReader(max_frame_bytes=2 << 20)
     assert reader.feed(pub(b"t", msg)) == [(OP_PUB, b"t", [msg])]
     assert reader.feed(pub(b"t", msg, crc=zlib.crc32(msg) ^ 1)) == [
         (OP_BADCRC, b"t", len(msg)),
@@ -486,14 +487,14 @@ def test_crc32_every_length_and_alignment(codec):
 
 
 def test_crc32_large_buffers_and_chaining(codec):
-    # Over CRC_NOGIL_THRESHOLD (64 KiB) the GIL is released; chaining
-    # pieces must give the CRC of the whole.
+    # Over 1 MiB (64 KiB with zlib) the GIL is released; chaining pieces
+    # must give the CRC of the whole.
     crc32 = codec.frames.crc32
-    data = os.urandom(3 * 65536 + 77)
+    data = os.urandom((1 << 20) + 3 * 65536 + 77)
     assert crc32(data) == zlib.crc32(data)
     crc = 0
-    for cut in range(0, len(data), 40_000):
-        crc = crc32(data[cut:cut + 40_000], crc)
+    for cut in range(0, len(data), 400_000):
+        crc = crc32(data[cut:cut + 400_000], crc)
     assert crc == zlib.crc32(data)
 
 

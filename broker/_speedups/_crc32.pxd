@@ -17,13 +17,18 @@ cdef extern from "crc32_clmul.h" nogil:
 
 
 cdef enum:
-    # Release the GIL only for CRCs over more than this many bytes. zlib
-    # 1.2.13 runs at ~1.5-2 GB/s here and the PCLMULQDQ fold at ~16 GB/s,
-    # so 64 KiB is 4 to 40 us of work; below that, dropping and re-taking
-    # the GIL (and waking whichever thread wants it, which may keep us
-    # waiting for its whole switch interval) costs more than the parallelism
-    # can win back. CPython's zlib.crc32 uses 5 KiB.
-    CRC_NOGIL_THRESHOLD = 65536
+    # Release the GIL only for CRCs over this many bytes: about 30-70 us of
+    # work, with zlib 1.2.13 (~1.5-2 GB/s here) or the PCLMULQDQ fold (~16
+    # GB/s). Below that, dropping and re-taking the GIL (and waking whichever
+    # thread wants it, which may keep us waiting for its whole switch
+    # interval) costs more than the parallelism can win back. CPython's
+    # zlib.crc32 uses 5 KiB.
+    CRC_NOGIL_ZLIB = 65536
+    CRC_NOGIL_CLMUL = 1 << 20
+
+
+cdef inline size_t crc_nogil_threshold() noexcept nogil:
+    return CRC_NOGIL_CLMUL if crc32_accelerated() else CRC_NOGIL_ZLIB
 
 
 cdef inline unsigned long crc32_run(unsigned long crc, const unsigned char* p,
@@ -38,7 +43,7 @@ cdef inline unsigned long crc32_update(unsigned long crc, const unsigned char* p
     The caller must keep ``p`` alive and unresizable while the GIL is
     released (a held Py_buffer, a bytes object, or a private buffer).
     """
-    if n > CRC_NOGIL_THRESHOLD:
+    if n > crc_nogil_threshold():
         with nogil:
             crc = crc32(crc, p, n)
         return crc

@@ -24,7 +24,7 @@ from libc.stdint cimport UINT32_MAX, UINT64_MAX, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from ._crc32 cimport (
-    CRC_NOGIL_THRESHOLD, crc32, crc32_accelerated, crc32_apply_op, crc32_run, crc32_shift_op,
+    crc_nogil_threshold, crc32, crc32_accelerated, crc32_apply_op, crc32_run, crc32_shift_op,
     crc32_update,
 )
 
@@ -247,7 +247,7 @@ def stamp_records(buf, base_offset, timestamp_ms):
     try:
         if <uint64_t>(view.len // RECORD_HEADER_SIZE) > UINT64_MAX - base:
             raise struct.error("argument out of range")
-        if view.len > CRC_NOGIL_THRESHOLD:
+        if <size_t>view.len > crc_nogil_threshold():
             with nogil:
                 got = _stamp(<unsigned char*>view.buf, view.len, base, ts, &last)
         else:
