@@ -460,8 +460,12 @@ def test_parse_publish_errors(w):
 
 # -- publish_records + records.stamp_records: the broker's publish path ---------
 
-# Sizes on both sides of the Cython twin's CRC-combination threshold (128).
-STAMP_MSGS = [b"", b"a", b"y" * 127, b"z" * 128, bytes(range(256)) * 4, b"\0" * 129, b"q" * 5000]
+# Sizes on both sides of the Cython twin's CRC-combination thresholds (128
+# bytes with zlib, 2048 with the PCLMULQDQ fold), and several different
+# lengths above them (the combination's operator is cached per length).
+STAMP_MSGS = [b"", b"a", b"y" * 127, b"z" * 128, bytes(range(256)) * 4, b"\0" * 129,
+              b"q" * 5000, b"r" * 2047, b"s" * 2048, bytes(range(256)) * 8 + b"t",
+              b"u" * 3000, b"v" * 2500, b"w" * 3000]
 
 
 def test_publish_records_then_stamp_equals_encode_records(w):
@@ -481,6 +485,24 @@ def test_publish_records_then_stamp_equals_encode_records(w):
     assert got == (len(STAMP_MSGS), 24 + len(STAMP_MSGS[-1]))
     assert bytes(recs) == w.records.encode_records(STAMP_MSGS, 1000, 1_700_000_000_123)
     assert bytes(recs) == bytes(raw_records_same_time(STAMP_MSGS, 1000, 1_700_000_000_123))
+
+
+@pytest.mark.parametrize("kernel", ["zlib", "pclmulqdq"])
+def test_stamp_records_with_either_crc_kernel(twins, kernel):
+    # The Cython twin hashes a record again or combines CRCs depending on
+    # the payload length and on its CRC-32 kernel: run both choices.
+    c, py = twins
+    try:
+        used = c.records._use_crc32_kernel("zlib" if kernel == "zlib" else None)
+        if used != kernel:
+            pytest.skip("this CPU has no PCLMULQDQ (the compiled codec uses zlib)")
+        for msgs in (STAMP_MSGS, STAMP_MSGS[::-1], [b"x" * n for n in range(120, 140)],
+                     [b"x" * n for n in range(2040, 2060)]):
+            recs = c.wire1.publish_records(raw_pub_payload(b"t", msgs))[1]
+            assert c.records.stamp_records(recs, 77, 88) == (len(msgs), 24 + len(msgs[-1]))
+            assert bytes(recs) == py.records.encode_records(msgs, 77, 88)
+    finally:
+        c.records._use_crc32_kernel(None)
 
 
 def raw_records_same_time(msgs, base, ts):
@@ -534,7 +556,10 @@ def test_stamp_records_refuses_what_does_not_tile(w):
         if cut == 27:  # a whole first record
             assert w.records.stamp_records(bytearray(recs[:cut]), 0, 0) == (1, 27)
             continue
-        with pytest.raises(ValueError, match="stamp_records"):
+        # under a header's 24 bytes left: truncated; else the length is wrong
+        at = 0 if cut < 27 else 27
+        why = "truncated record" if cut - at < 24 else "bad record length"
+        with pytest.raises(ValueError, match="^stamp_records: %s at byte %d$" % (why, at)):
             w.records.stamp_records(bytearray(recs[:cut]), 0, 0)
     bad = bytearray(recs)
     bad[0:4] = u32(19)  # below the minimum length
@@ -823,7 +848,8 @@ def test_differential_publish_records(twins, payload):
 
 
 @HYP
-@given(msgs=st.lists(st.binary(max_size=300), max_size=8),
+@given(msgs=st.lists(st.binary(max_size=300) | st.binary(min_size=2000, max_size=2600),
+                     max_size=8),
        base=st.integers(0, 1 << 62), ts=st.integers(0, 1 << 62))
 def test_differential_stamp_records_large_payloads(twins, msgs, base, ts):
     c, py = twins

@@ -71,9 +71,10 @@ def stamp_records(buf, base_offset: int, timestamp_ms: int):
     ``timestamp_ms`` and its real CRC (of offset, time and payload); the
     result is byte for byte what :func:`encode_records` makes of the same
     messages. ``last_len`` is the size of the last record, header included.
-    The Cython twin derives each CRC from the payload's with
-    ``crc32_combine`` instead of reading the payload again, so a wrong
-    payload CRC gives a wrong record CRC there (which the readers then
+    The Cython twin derives the CRC of longer records from the payload's
+    with ``crc32_combine`` instead of reading the payload again (from 128
+    bytes of payload with zlib, 2 KiB with the PCLMULQDQ fold), so a wrong
+    payload CRC can give a wrong record CRC there (which the readers then
     refuse): only buffers publish_records made and checked belong here,
     and each is stamped once (stamping consumes the payload CRC).
     Raises ValueError if the records do not tile ``buf`` exactly.

@@ -17,14 +17,24 @@ cdef extern from "crc32_clmul.h" nogil:
 
 
 cdef enum:
-    # Release the GIL only for CRCs over this many bytes: about 30-70 us of
-    # work, with zlib 1.2.13 (~1.5-2 GB/s here) or the PCLMULQDQ fold (~16
-    # GB/s). Below that, dropping and re-taking the GIL (and waking whichever
-    # thread wants it, which may keep us waiting for its whole switch
-    # interval) costs more than the parallelism can win back. CPython's
-    # zlib.crc32 uses 5 KiB.
+    # Release the GIL only for a CRC over more than this many bytes of one
+    # buffer: about 30-70 us of work, with zlib 1.2.13 (~1.5-2 GB/s here)
+    # or the PCLMULQDQ fold (~16 GB/s). Below that, dropping and re-taking
+    # the GIL (and waking whichever thread wants it, which may keep us
+    # waiting for its whole switch interval) costs more than the
+    # parallelism can win back. CPython's zlib.crc32 uses 5 KiB.
     CRC_NOGIL_ZLIB = 65536
     CRC_NOGIL_CLMUL = 1 << 20
+    # The batch paths (publish_records, stamp_records) also walk a header
+    # and copy or stamp per record, which costs as much as the fold's CRC
+    # for short messages: they release the GIL over this many bytes
+    # whatever the kernel.
+    CRC_NOGIL_BATCH = 65536
+
+
+cdef extern from "crc32_clmul.h" nogil:
+    # the kernel probe's result (-1 before the probe); tests force zlib
+    int crc32_clmul_flag "pls_crc32_clmul"
 
 
 cdef inline size_t crc_nogil_threshold() noexcept nogil:

@@ -11,9 +11,9 @@
  * Generic Polynomials Using PCLMULQDQ Instruction" (Gopal et al., 2009), in
  * its bit-reflected form. The constants are x^k mod P(x) for the shifts
  * named below, bit-reflected and shifted left by one; P is 0x104C11DB7.
- * tests/test_crc32.py checks every length up to 1 KiB at every alignment,
- * with and without a running CRC, against zlib.crc32, and
- * PLS_CRC32_CONSTANTS_CHECK in that test recomputes the constants.
+ * tests/test_codec.py checks lengths 0 to 1099 at 16 alignments (and with
+ * a running CRC at one) against zlib.crc32, and derives every constant
+ * here from P (test_crc32_clmul_constants_follow_from_the_polynomial).
  */
 #ifndef PLS_CRC32_CLMUL_H
 #define PLS_CRC32_CLMUL_H
@@ -28,7 +28,9 @@
 #include <immintrin.h>
 #endif
 
-/* -1: not probed yet; 0: zlib only; 1: PCLMULQDQ. Per extension module. */
+/* -1: not probed yet; 0: zlib only; 1: PCLMULQDQ. Per extension module;
+ * probed on first use (frames probes at import, for CRC32_KERNEL). Threads
+ * without the GIL may probe at once: they store the same value, atomically. */
 static int pls_crc32_clmul = -1;
 
 #ifdef PLS_CRC32_HAVE_CLMUL
@@ -103,12 +105,14 @@ static uint32_t pls_crc32_fold(uint32_t state, const unsigned char *p, size_t n)
 static inline int pls_crc32_accelerated(void)
 {
 #ifdef PLS_CRC32_HAVE_CLMUL
-    if (pls_crc32_clmul < 0) {
+    int flag = __atomic_load_n(&pls_crc32_clmul, __ATOMIC_RELAXED);
+    if (flag < 0) {
         unsigned int eax, ebx, ecx, edx;
-        pls_crc32_clmul = __get_cpuid(1, &eax, &ebx, &ecx, &edx)
-                          && (ecx & bit_PCLMUL) && (ecx & bit_SSE4_1);
+        flag = __get_cpuid(1, &eax, &ebx, &ecx, &edx)
+               && (ecx & bit_PCLMUL) && (ecx & bit_SSE4_1);
+        __atomic_store_n(&pls_crc32_clmul, flag, __ATOMIC_RELAXED);
     }
-    return pls_crc32_clmul;
+    return flag;
 #else
     return 0;
 #endif

@@ -24,7 +24,7 @@ from libc.stdint cimport UINT32_MAX, UINT64_MAX, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from ._crc32 cimport (
-    crc_nogil_threshold, crc32, crc32_accelerated, crc32_apply_op, crc32_run, crc32_shift_op,
+    CRC_NOGIL_BATCH, crc32, crc32_accelerated, crc32_apply_op, crc32_clmul_flag, crc32_run, crc32_shift_op,
     crc32_update,
 )
 
@@ -224,6 +224,23 @@ cdef Py_ssize_t _stamp(unsigned char* p, Py_ssize_t end, uint64_t base, uint64_t
     return count
 
 
+def _use_crc32_kernel(name):
+    """Tests only: make this module hash with ``"zlib"`` or probe again (``None``).
+
+    Returns the kernel now in use. Each extension module has its own copy
+    of the probe's result; this sets the records module's (``_stamp``'s
+    choice between hashing again and combining CRCs depends on it).
+    """
+    global crc32_clmul_flag
+    if name == "zlib":
+        crc32_clmul_flag = 0
+    elif name is None:
+        crc32_clmul_flag = -1
+    else:
+        raise ValueError("kernel must be 'zlib' or None")
+    return "pclmulqdq" if crc32_accelerated() else "zlib"
+
+
 def stamp_records(buf, base_offset, timestamp_ms):
     """Finish ``wire1.publish_records`` records in place: ``(count, last_len)``.
 
@@ -247,7 +264,7 @@ def stamp_records(buf, base_offset, timestamp_ms):
     try:
         if <uint64_t>(view.len // RECORD_HEADER_SIZE) > UINT64_MAX - base:
             raise struct.error("argument out of range")
-        if <size_t>view.len > crc_nogil_threshold():
+        if view.len > CRC_NOGIL_BATCH:
             with nogil:
                 got = _stamp(<unsigned char*>view.buf, view.len, base, ts, &last)
         else:

@@ -20,7 +20,7 @@ from cpython.ref cimport Py_INCREF
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
-from ._crc32 cimport crc_nogil_threshold, crc32_run, crc32_update
+from ._crc32 cimport CRC_NOGIL_BATCH, crc32_run, crc32_update
 from .records cimport (
     RECORD_HEADER_SIZE, RECORD_MIN_LENGTH, RecordHeader, crc_matches, load_be32,
     read_header, store_be32, store_be64,
@@ -460,7 +460,7 @@ def publish_records(payload):
         # One pass: check each message's CRC and copy it behind its record
         # header. The output is private and the payload held: no GIL needed.
         o = <unsigned char*>PyByteArray_AS_STRING(out)
-        if <size_t>(end - first) > crc_nogil_threshold():
+        if end - first > CRC_NOGIL_BATCH:
             with nogil:
                 bad = _copy_records(p, first, count, o)
         else:

@@ -607,8 +607,12 @@ def main(argv: list[str] | None = None) -> int:
     runs, notes = make_runs(args)
     if args.warm_memory > 0:
         size, secs = warm_memory(args.warm_memory)
-        msg = "warmed %.1f GiB of memory in %.1f s before the runs (--warm-memory %g)" % (
-            size / 2 ** 30, secs, args.warm_memory)
+        if size:
+            msg = "warmed %.2f GiB of memory in %.1f s before the runs (--warm-memory %g)" % (
+                size / 2 ** 30, secs, args.warm_memory)
+        else:
+            msg = ("--warm-memory %g skipped: MemAvailable is unknown or under 2 GiB"
+                   % args.warm_memory)
         notes.append(msg)
         print("bench: " + msg, file=sys.stderr)
     peers = sorted({r.system for r in runs if r.system in PEERS}, key=PEERS.index)
