@@ -24,8 +24,8 @@ from libc.stdint cimport UINT32_MAX, UINT64_MAX, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from ._crc32 cimport (
-    CRC_NOGIL_BATCH, crc32, crc32_accelerated, crc32_apply_op, crc32_clmul_flag, crc32_run, crc32_shift_op,
-    crc32_update,
+    CRC_NOGIL_BATCH, crc32, crc32_accelerated, crc32_apply_op, crc32_clmul_flag, crc32_run,
+    crc32_shift_op, crc32_update,
 )
 
 import struct
