@@ -477,10 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--procs", type=int, help="worker processes per role")
     g.add_argument("--connections", type=int, help="connections for the conn scenarios")
     ap.add_argument("--warm-memory", type=float, default=0.0, metavar="GIB",
-                    help="first touch and release GIB GiB of memory, so that the page cache "
-                         "lands on RAM the machine has already backed (on VMs that back guest "
-                         "RAM lazily, first-touch writes are several times slower; see "
-                         "docs/benchmarks.md; default: 0, off)")
+                    help="before each run, touch and release GIB GiB of memory, so that the "
+                         "run's page cache and heaps land on RAM the machine has backed (on VMs "
+                         "that back guest RAM lazily and take freed RAM back within seconds, "
+                         "first-touch writes are several times slower; see docs/benchmarks.md; "
+                         "default: 0, off)")
     ap.add_argument("--max-seconds", type=float, default=90.0,
                     help="time limit per run; a run over it is stopped and reported (default: 90)")
     ap.add_argument("--json", metavar="FILE", help="write every figure, the settings and the machine as JSON")
@@ -581,9 +582,11 @@ def warm_memory(gib: float) -> tuple[int, float]:
     Some hypervisors back guest RAM only when the guest first writes it;
     until then every new page (the page cache our log writes fill, a
     consumer's fresh heap) costs a trip to the host, and pwrite into such
-    pages ran at 0.7 to 0.9 GB/s here against 4 to 5 GB/s once warm. The
+    pages ran at 0.6 to 0.9 GB/s here against 4 to 5 GB/s once warm. The
     released pages go back to the guest's free lists, still backed, and are
-    what the next allocations get. Capped at MemAvailable less 2 GiB.
+    what the next allocations get, until the guest reports them free to
+    the host (free page reporting), which here took under 20 s: hence a
+    warm-up before each run. Capped at MemAvailable less 2 GiB.
     """
     import mmap
     want = int(gib * 2 ** 30)
@@ -605,16 +608,6 @@ def warm_memory(gib: float) -> tuple[int, float]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     runs, notes = make_runs(args)
-    if args.warm_memory > 0:
-        size, secs = warm_memory(args.warm_memory)
-        if size:
-            msg = "warmed %.2f GiB of memory in %.1f s before the runs (--warm-memory %g)" % (
-                size / 2 ** 30, secs, args.warm_memory)
-        else:
-            msg = ("--warm-memory %g skipped: MemAvailable is unknown or under 2 GiB"
-                   % args.warm_memory)
-        notes.append(msg)
-        print("bench: " + msg, file=sys.stderr)
     peers = sorted({r.system for r in runs if r.system in PEERS}, key=PEERS.index)
     missing = check_peers(peers)
     for p, why in missing.items():
@@ -636,10 +629,14 @@ def main(argv: list[str] | None = None) -> int:
     machine = report.machine_info()
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     results: list[dict] = []
+    warmed: list[tuple[int, float]] = []
     t_all = time.monotonic()
     interrupted = False
     try:
         for i, run in enumerate(runs, 1):
+            if args.warm_memory > 0:
+                size, secs = warm_memory(args.warm_memory)
+                warmed.append((size, secs))
             row = execute(ctx, run, args, i, len(runs))
             results.append(row)
             if row.get("error"):
@@ -659,6 +656,15 @@ def main(argv: list[str] | None = None) -> int:
         stop_all()
         signal.signal(signal.SIGTERM, old_term)
     elapsed = time.monotonic() - t_all
+    if args.warm_memory > 0:
+        done = [w for w in warmed if w[0]]
+        if done:
+            notes.append("warmed %.2f GiB of memory before each of %d runs (--warm-memory %g), "
+                         "%.1f s in all" % (min(w[0] for w in done) / 2 ** 30, len(done),
+                                            args.warm_memory, sum(w[1] for w in done)))
+        if len(done) < len(warmed):
+            notes.append("--warm-memory %g skipped before %d runs: MemAvailable unknown or "
+                         "under 2 GiB" % (args.warm_memory, len(warmed) - len(done)))
     load_after = report.machine_info()["loadavg"]
 
     text = render(results, peers, notes, machine, load_after, args, started, elapsed, interrupted)
