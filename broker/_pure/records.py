@@ -84,7 +84,6 @@ def stamp_records(buf, base_offset: int, timestamp_ms: int):
     end = len(buf)
     pos = 0
     off = base_offset
-    last = 0
     unpack_len, pack_len, pack_tail, crc32 = _LEN.unpack_from, _LEN.pack_into, _OFF_TIME.pack_into, zlib.crc32
     view = memoryview(buf)
     length = -4

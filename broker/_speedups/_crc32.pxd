@@ -14,6 +14,8 @@ cdef extern from "crc32_clmul.h" nogil:
     unsigned long crc32 "pls_crc32" (unsigned long crc, const unsigned char* buf, size_t len)
     # 1 if this process folds with PCLMULQDQ, else 0
     int crc32_accelerated "pls_crc32_accelerated" ()
+    # the probe's result in this module (-1 before the probe); tests force zlib
+    int crc32_clmul_flag "pls_crc32_clmul"
 
 
 cdef enum:
@@ -32,18 +34,8 @@ cdef enum:
     CRC_NOGIL_BATCH = 65536
 
 
-cdef extern from "crc32_clmul.h" nogil:
-    # the kernel probe's result (-1 before the probe); tests force zlib
-    int crc32_clmul_flag "pls_crc32_clmul"
-
-
 cdef inline size_t crc_nogil_threshold() noexcept nogil:
     return CRC_NOGIL_CLMUL if crc32_accelerated() else CRC_NOGIL_ZLIB
-
-
-cdef inline unsigned long crc32_run(unsigned long crc, const unsigned char* p,
-                                    size_t n) noexcept nogil:
-    return crc32(crc, p, n)
 
 
 cdef inline unsigned long crc32_update(unsigned long crc, const unsigned char* p,

@@ -24,7 +24,7 @@ from libc.stdint cimport UINT32_MAX, UINT64_MAX, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from ._crc32 cimport (
-    CRC_NOGIL_BATCH, crc32, crc32_accelerated, crc32_apply_op, crc32_clmul_flag, crc32_run,
+    CRC_NOGIL_BATCH, crc32, crc32_accelerated, crc32_apply_op, crc32_clmul_flag,
     crc32_shift_op, crc32_update,
 )
 
@@ -217,7 +217,7 @@ cdef Py_ssize_t _stamp(unsigned char* p, Py_ssize_t end, uint64_t base, uint64_t
             tail = <uint32_t>crc32(0, rec + RECORD_CRC_START, 16)
             store_be32(rec + 4, crc32_apply_op(op, tail, load_be32(rec + 4)))
         else:
-            store_be32(rec + 4, <uint32_t>crc32_run(0, rec + RECORD_CRC_START, 16 + <size_t>n))
+            store_be32(rec + 4, <uint32_t>crc32(0, rec + RECORD_CRC_START, 16 + <size_t>n))
         last[0] = 4 + length
         pos += 4 + length
         count += 1

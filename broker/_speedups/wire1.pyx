@@ -20,7 +20,7 @@ from cpython.ref cimport Py_INCREF
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
-from ._crc32 cimport CRC_NOGIL_BATCH, crc32_run, crc32_update
+from ._crc32 cimport CRC_NOGIL_BATCH, crc32, crc32_update
 from .records cimport (
     RECORD_HEADER_SIZE, RECORD_MIN_LENGTH, RecordHeader, crc_matches, load_be32,
     read_header, store_be32, store_be64,
@@ -419,7 +419,7 @@ cdef Py_ssize_t _copy_records(const unsigned char* p, Py_ssize_t pos, uint32_t c
         n = load_be32(p + pos)
         crc = load_be32(p + pos + 4)
         pos += 8
-        if <uint32_t>crc32_run(0, p + pos, n) != crc:
+        if <uint32_t>crc32(0, p + pos, n) != crc:
             return i
         store_be32(o, <uint32_t>(RECORD_MIN_LENGTH + n))
         store_be32(o + 4, crc)

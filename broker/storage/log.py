@@ -382,7 +382,7 @@ class TopicLog:
             if seg.size + n <= limit or (seg.size == 0 and count == 1):
                 pieces.append((seg, seg.append(buf, count, last_len, ts_ms), seg.size))
             else:
-                starts = self._record_starts(buf)
+                starts = recordwalk.record_starts(buf)
                 starts.append(n)
                 pos = 0   # byte position in buf of the next record to write
                 i = 0     # its index in starts
@@ -409,13 +409,6 @@ class TopicLog:
         if rolled:
             self.stats["segments_rolled"] += len(rolled)
         return AppendResult(pieces, rolled, seg.end_offset, undo, buf, count)
-
-    def _record_starts(self, buf):
-        # Interval 1 makes index_entries emit an entry for every record:
-        # the record boundaries, found in C when the codec is compiled.
-        base = int.from_bytes(buf[8:16], "big")
-        entries, _ = records.index_entries(buf, 0, 0, 1, base)
-        return recordwalk.starts(entries)
 
     def _roll(self, rolled: list) -> Segment:
         prev = self.active

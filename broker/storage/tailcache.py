@@ -25,8 +25,7 @@ from __future__ import annotations
 import collections
 from array import array
 
-from ..codec import records
-from .recordwalk import starts as _starts
+from .recordwalk import record_starts
 
 __all__ = ["TailCache"]
 
@@ -82,8 +81,7 @@ class TailCache:
         """
         starts = entry[STARTS]
         if starts is None:
-            starts = entry[STARTS] = _starts(records.index_entries(entry[BUF], 0, 0, 1,
-                                                                    entry[FIRST])[0])
+            starts = entry[STARTS] = record_starts(entry[BUF])
             self.bytes += len(starts) * 4
             self._evict()
         return starts

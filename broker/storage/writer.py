@@ -334,16 +334,15 @@ class DiskWriter:
             self._kick_handle = None
         if not self._may_submit() or not self._thread.is_alive():
             return
-        if not (self._pending or self._deletes or self._calls or self._want_checkpoint):
-            if self._offsets.dirty:
-                if not (self._offsets_due or self._idle_waiters):
-                    return  # offsets alone wait for _offsets_timer (or a flush)
-            else:
-                waiters, self._idle_waiters = self._idle_waiters, []
-                for fut in waiters:
-                    if not fut.done():
-                        fut.set_result(None)
-                return
+        writes = self._pending or self._deletes or self._calls or self._want_checkpoint
+        if not writes and not self._offsets.dirty:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            return
+        if not writes and not (self._offsets_due or self._idle_waiters):
+            return  # offsets alone wait for _offsets_timer (or a flush)
         self._offsets_due = False
         if self._offsets_handle is not None:
             self._offsets_handle.cancel()
