@@ -774,7 +774,7 @@ def _records(offsets) -> bytes:
     out = b""
     for off in offsets:
         tail = struct.pack(">QQ", off, 1_700_000_000_000 + off) + b"v%d" % off
-        out += struct.pack(">II", 20 + len(tail) - 16, zlib.crc32(tail)) + tail
+        out += struct.pack(">II", 20 + len(tail) - 16, zlib.crc32(tail[:16], zlib.crc32(tail[16:]))) + tail
     return out
 
 

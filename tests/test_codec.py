@@ -99,7 +99,7 @@ def feed_all(reader, chunks) -> list:
 def record(offset: int, ts: int, payload: bytes) -> bytes:
     """One record, written out by hand from the documented layout."""
     tail = offset.to_bytes(8, "big") + ts.to_bytes(8, "big") + payload
-    return u32(4 + len(tail)) + u32(zlib.crc32(tail)) + tail
+    return u32(4 + len(tail)) + u32(zlib.crc32(tail[:16], zlib.crc32(payload))) + tail
 
 
 # -- FrameReader: each command and event kind -----------------------------
@@ -600,9 +600,11 @@ def test_encoders_feed_the_reader(codec):
 # -- records: encoding -------------------------------------------------------
 
 def test_record_layout(codec):
-    # Hand-written: length 20 + 2, crc of offset..payload, offset 7, time 1000, "hi"
-    tail = b"\x00\x00\x00\x00\x00\x00\x00\x07" b"\x00\x00\x00\x00\x00\x00\x03\xe8" b"hi"
-    expected = b"\x00\x00\x00\x16" + zlib.crc32(tail).to_bytes(4, "big") + tail
+    # Hand-written: length 20 + 2, CRC of the payload continued over offset
+    # and time, offset 7, time 1000, "hi"
+    head = b"\x00\x00\x00\x00\x00\x00\x00\x07" b"\x00\x00\x00\x00\x00\x00\x03\xe8"
+    assert zlib.crc32(head, zlib.crc32(b"hi")) == 0x644F2E82
+    expected = b"\x00\x00\x00\x16" + b"\x64\x4f\x2e\x82" + head + b"hi"
     assert codec.records.encode_records([b"hi"], 7, 1000) == expected
     assert codec.records.HEADER_SIZE == 24
 

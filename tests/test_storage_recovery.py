@@ -37,7 +37,7 @@ def layout(directory) -> list[tuple]:
         pos = 0
         while pos < len(data):
             length, crc, off, _ts = _HDR.unpack_from(data, pos)
-            assert zlib.crc32(data[pos + 8:pos + 4 + length]) == crc
+            assert zlib.crc32(data[pos + 8:pos + 24], zlib.crc32(data[pos + 24:pos + 4 + length])) == crc
             out.append((name, pos, pos + 4 + length, off, data[pos + 24:pos + 4 + length]))
             pos += 4 + length
     return out

@@ -4,12 +4,16 @@ Every record in a segment file is::
 
     offset  size  field
     0       4     length   bytes that follow this field: 20 + len(payload)
-    4       4     crc      CRC-32 (zlib) of bytes 8 .. 4 + length
+    4       4     crc      CRC-32 (zlib) of the payload, continued over bytes 8 .. 24
     8       8     offset   logical offset in the topic (0, 1, 2, ...)
     16      8     time     append time, milliseconds since the Unix epoch
     24      n     payload  the message bytes
 
-All integers are unsigned big-endian. A record is valid when its length is
+All integers are unsigned big-endian. The CRC is
+``zlib.crc32(record[8:24], zlib.crc32(payload))``: the payload's CRC first,
+then the offset and time, so the broker turns the CRC a client sent with
+a message into the record's CRC by hashing 16 bytes, not the payload
+again. A record is valid when its length is
 at least 20, it fits in the buffer, its CRC matches and its offset is the one
 expected; scanning stops at the first record that is not.
 
@@ -34,6 +38,8 @@ _MIN_LENGTH = 20        # crc + offset + time
 _HDR = struct.Struct(">IIQQ")
 _LEN = struct.Struct(">I")
 _OFF_TIME = struct.Struct(">QQ")
+_LEN_CRC = struct.Struct(">II")
+_CRC_OFF_TIME = struct.Struct(">IQQ")
 _OFF = struct.Struct(">Q")
 _INDEX_ENTRY = struct.Struct(">II")
 _unpack_hdr = _HDR.unpack_from
@@ -56,7 +62,7 @@ def encode_records(messages, base_offset: int, timestamp_ms: int) -> bytes:
     off = base_offset
     for msg in messages:
         tail = _OFF_TIME.pack(off, timestamp_ms)
-        crc = zlib.crc32(msg, zlib.crc32(tail))
+        crc = zlib.crc32(tail, zlib.crc32(msg))
         append(_HDR.pack(_MIN_LENGTH + len(msg), crc, off, timestamp_ms))
         append(msg)
         off += 1
@@ -68,15 +74,14 @@ def stamp_records(buf, base_offset: int, timestamp_ms: int):
 
     ``buf`` (writable) holds records whose CRC field is the CRC-32 of the
     record's payload alone. Each gets offset ``base_offset + i``, time
-    ``timestamp_ms`` and its real CRC (of offset, time and payload); the
+    ``timestamp_ms`` and its record CRC: the payload's CRC continued over
+    the 16 bytes of offset and time, so the payload is not read again. The
     result is byte for byte what :func:`encode_records` makes of the same
-    messages. ``last_len`` is the size of the last record, header included.
-    The Cython twin derives the CRC of longer records from the payload's
-    with ``crc32_combine`` instead of reading the payload again (from 128
-    bytes of payload with zlib, 2 KiB with the PCLMULQDQ fold), so a wrong
-    payload CRC can give a wrong record CRC there (which the readers then
-    refuse): only buffers publish_records made and checked belong here,
-    and each is stamped once (stamping consumes the payload CRC).
+    messages when each payload CRC is right; a wrong one gives a wrong
+    record CRC, which every reader refuses. So only buffers
+    publish_records made and checked belong here, and each is stamped once
+    (stamping consumes the payload CRC). ``last_len`` is the size of the
+    last record, header included.
     Raises ValueError if the records do not tile ``buf`` exactly.
     """
     if base_offset < 0 or timestamp_ms < 0:
@@ -84,21 +89,20 @@ def stamp_records(buf, base_offset: int, timestamp_ms: int):
     end = len(buf)
     pos = 0
     off = base_offset
-    unpack_len, pack_len, pack_tail, crc32 = _LEN.unpack_from, _LEN.pack_into, _OFF_TIME.pack_into, zlib.crc32
-    view = memoryview(buf)
+    unpack_head, pack_tail, pack_rest, crc32 = (
+        _LEN_CRC.unpack_from, _OFF_TIME.pack, _CRC_OFF_TIME.pack_into, zlib.crc32)
     length = -4
     while pos < end:
         try:
-            length = unpack_len(buf, pos)[0]
-        except struct.error:  # under 4 bytes left
+            length, crc = unpack_head(buf, pos)
+        except struct.error:  # under 8 bytes left
             length = -4
         nxt = pos + 4 + length
         if length < _MIN_LENGTH or nxt > end:
             if end - pos < HEADER_SIZE:
                 raise ValueError("stamp_records: truncated record at byte %d" % pos)
             raise ValueError("stamp_records: bad record length at byte %d" % pos)
-        pack_tail(buf, pos + 8, off, timestamp_ms)
-        pack_len(buf, pos + 4, crc32(view[pos + 8:nxt]))
+        pack_rest(buf, pos + 4, crc32(pack_tail(off, timestamp_ms), crc), off, timestamp_ms)
         pos = nxt
         off += 1
     return off - base_offset, (4 + length if off > base_offset else 0)
@@ -120,7 +124,8 @@ def _check(buf, pos: int, end: int, expected: int):
         return None
     if expected >= 0 and off != expected:
         return None
-    if zlib.crc32(memoryview(buf)[pos + 8:pos + 4 + length]) != crc:
+    view = memoryview(buf)
+    if zlib.crc32(view[pos + 8:pos + HEADER_SIZE], zlib.crc32(view[pos + HEADER_SIZE:pos + 4 + length])) != crc:
         return None
     return length, off, ts
 

@@ -273,7 +273,8 @@ def message_frame(buf, rid: int, topic, from_offset: int, end_offset: int, max_b
             raise CorruptRecordError(pos, "length %d below minimum" % length)
         if length > end - pos - 4 or off >= end_offset:
             break
-        if verify and crc32(view[pos + 8:pos + 4 + length]) != crc:
+        if verify and crc32(view[pos + 8:pos + HEADER_SIZE],
+                            crc32(view[pos + HEADER_SIZE:pos + 4 + length])) != crc:
             raise CorruptRecordError(pos, "checksum mismatch")
         if off >= from_offset:
             if first < 0:

@@ -6,16 +6,11 @@
 # argument parsing and buffer acquisition, which cost more than the CRC
 # itself for small messages.
 
-from libc.stdint cimport uint32_t, uint64_t
-
-
 cdef extern from "crc32_clmul.h" nogil:
     # zlib's crc32(crc, buf, len) for any size_t len
     unsigned long crc32 "pls_crc32" (unsigned long crc, const unsigned char* buf, size_t len)
     # 1 if this process folds with PCLMULQDQ, else 0
     int crc32_accelerated "pls_crc32_accelerated" ()
-    # the probe's result in this module (-1 before the probe); tests force zlib
-    int crc32_clmul_flag "pls_crc32_clmul"
 
 
 cdef enum:
@@ -50,44 +45,3 @@ cdef inline unsigned long crc32_update(unsigned long crc, const unsigned char* p
             crc = crc32(crc, p, n)
         return crc
     return crc32(crc, p, n)
-
-
-# CRC-32 combination (zlib's crc32_combine, 1.2.12's fast form, written out
-# here so that no particular zlib version is needed): the CRC of A + B from
-# crc(A), crc(B) and len(B). ``crc32_shift_op(n)`` is the operator for a
-# given len(B); ``crc32_apply_op(op, crc_a, crc_b)`` applies it. Computing
-# the operator costs ~log2(n) GF(2) multiplications; applying it, one.
-
-cdef enum:
-    _CRC_POLY = 0xedb88320   # reflected CRC-32 polynomial
-
-
-cdef inline uint32_t crc32_multmodp(uint32_t a, uint32_t b) noexcept nogil:
-    # a * b modulo the CRC polynomial, in zlib's reflected bit order
-    cdef uint32_t m = <uint32_t>1 << 31
-    cdef uint32_t p = 0
-    while True:
-        if a & m:
-            p ^= b
-            if (a & (m - 1)) == 0:
-                break
-        m >>= 1
-        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
-    return p
-
-
-cdef inline uint32_t crc32_shift_op(uint64_t nbytes) noexcept nogil:
-    # x^(8 * nbytes) modulo the polynomial: shifting a CRC over nbytes zeros
-    cdef uint32_t p = <uint32_t>1 << 31      # x^0
-    cdef uint32_t sq = <uint32_t>1 << 23     # x^8: one byte
-    while nbytes:
-        if nbytes & 1:
-            p = crc32_multmodp(sq, p)
-        nbytes >>= 1
-        if nbytes:
-            sq = crc32_multmodp(sq, sq)
-    return p
-
-
-cdef inline uint32_t crc32_apply_op(uint32_t op, uint32_t crc_a, uint32_t crc_b) noexcept nogil:
-    return crc32_multmodp(op, crc_a) ^ crc_b

@@ -4,18 +4,18 @@
 
 from libc.stdint cimport uint32_t, uint64_t
 
-from ._crc32 cimport crc32_update
+from ._crc32 cimport crc32, crc32_update
 
 
 cdef enum:
     RECORD_HEADER_SIZE = 24   # length + crc + offset + time (HEADER_SIZE in Python)
     RECORD_MIN_LENGTH = 20    # crc + offset + time: the smallest valid length field
-    RECORD_CRC_START = 8      # the CRC covers bytes 8 .. 4 + length of a record
+    RECORD_CRC_START = 8      # the CRC's tail: bytes 8 .. 24 (offset and time)
 
 
 cdef struct RecordHeader:
     uint32_t length   # bytes after the length field: 20 + payload size
-    uint32_t crc      # CRC-32 of bytes 8 .. 4 + length
+    uint32_t crc      # CRC-32 of the payload, continued over bytes 8 .. 24
     uint64_t offset   # logical offset in the topic
     uint64_t time     # append time in ms since the epoch
 
@@ -50,7 +50,14 @@ cdef inline void read_header(const unsigned char* p, RecordHeader* hdr) noexcept
     hdr.time = load_be64(p + 16)
 
 
+cdef inline uint32_t record_crc(const unsigned char* p, uint32_t payload_crc) noexcept nogil:
+    # The record CRC of the record at p from its payload's CRC: continued
+    # over offset and time (p[8:24]), so a payload is hashed once.
+    return <uint32_t>crc32(payload_crc, p + RECORD_CRC_START,
+                           RECORD_HEADER_SIZE - RECORD_CRC_START)
+
+
 cdef inline bint crc_matches(const unsigned char* p, const RecordHeader* hdr) noexcept:
     # p[:4 + hdr.length] must be readable and hdr.length >= RECORD_MIN_LENGTH
-    return crc32_update(0, p + RECORD_CRC_START,
-                        hdr.length - (RECORD_CRC_START - 4)) == hdr.crc
+    return record_crc(p, <uint32_t>crc32_update(
+        0, p + RECORD_HEADER_SIZE, hdr.length - RECORD_MIN_LENGTH)) == hdr.crc

@@ -23,10 +23,7 @@ from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport UINT32_MAX, UINT64_MAX, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from ._crc32 cimport (
-    CRC_NOGIL_BATCH, crc32, crc32_accelerated, crc32_apply_op, crc32_clmul_flag,
-    crc32_shift_op, crc32_update,
-)
+from ._crc32 cimport CRC_NOGIL_BATCH, crc32_update
 
 import struct
 
@@ -174,29 +171,18 @@ cdef Py_ssize_t _put_record(unsigned char* p, Py_ssize_t pos, Py_ssize_t total,
     store_be64(rec + 8, offset)
     store_be64(rec + 16, ts)
     memcpy(rec + RECORD_HEADER_SIZE, msg, <size_t>mlen)
-    # CRC over the output (offset, time, payload) in one call: the copy is
+    # CRC over the output's payload, then offset and time: the copy is
     # private, so it is safe to hash without the GIL.
-    store_be32(rec + 4, <uint32_t>crc32_update(
-        0, rec + RECORD_CRC_START, <size_t>(RECORD_HEADER_SIZE - RECORD_CRC_START + mlen)))
+    store_be32(rec + 4, record_crc(rec, <uint32_t>crc32_update(
+        0, rec + RECORD_HEADER_SIZE, <size_t>mlen)))
     return pos + RECORD_HEADER_SIZE + mlen
-
-
-cdef enum:
-    # Payloads shorter than this are hashed again rather than combined: a
-    # combination (crc32_apply_op, bit-serial) costs ~80 ns, about as much
-    # as zlib hashing ~100 bytes or the PCLMULQDQ fold hashing ~2 KiB
-    # (bench/codec.py's stamp_records case, both ways).
-    _COMBINE_MIN_ZLIB = 128
-    _COMBINE_MIN_CLMUL = 2048
 
 
 cdef Py_ssize_t _stamp(unsigned char* p, Py_ssize_t end, uint64_t base, uint64_t ts,
                        Py_ssize_t* last) noexcept nogil:
     # Returns the number of records stamped, or -1 - position of a bad one.
-    cdef Py_ssize_t pos = 0, count = 0, n
-    cdef uint32_t length, tail, op = 0
-    cdef Py_ssize_t op_len = -1
-    cdef Py_ssize_t combine_min = _COMBINE_MIN_CLMUL if crc32_accelerated() else _COMBINE_MIN_ZLIB
+    cdef Py_ssize_t pos = 0, count = 0
+    cdef uint32_t length
     cdef unsigned char* rec
     while pos < end:
         if end - pos < RECORD_HEADER_SIZE:
@@ -205,49 +191,23 @@ cdef Py_ssize_t _stamp(unsigned char* p, Py_ssize_t end, uint64_t base, uint64_t
         length = load_be32(rec)
         if length < RECORD_MIN_LENGTH or <Py_ssize_t>length > end - pos - 4:
             return -1 - pos
-        n = length - RECORD_MIN_LENGTH
         store_be64(rec + 8, base + <uint64_t>count)
         store_be64(rec + 16, ts)
-        if n >= combine_min:
-            # crc(offset + time + payload) from crc(payload), which the
-            # publisher sent and publish_records checked: no second pass.
-            if n != op_len:
-                op = crc32_shift_op(<uint64_t>n)
-                op_len = n
-            tail = <uint32_t>crc32(0, rec + RECORD_CRC_START, 16)
-            store_be32(rec + 4, crc32_apply_op(op, tail, load_be32(rec + 4)))
-        else:
-            store_be32(rec + 4, <uint32_t>crc32(0, rec + RECORD_CRC_START, 16 + <size_t>n))
+        # the payload's CRC, which the publisher sent and publish_records
+        # checked, continued over offset and time: the payload is not read
+        store_be32(rec + 4, record_crc(rec, load_be32(rec + 4)))
         last[0] = 4 + length
         pos += 4 + length
         count += 1
     return count
 
 
-def _use_crc32_kernel(name):
-    """Tests only: make this module hash with ``"zlib"`` or probe again (``None``).
-
-    Returns the kernel now in use. Each extension module has its own copy
-    of the probe's result; this sets the records module's (``_stamp``'s
-    choice between hashing again and combining CRCs depends on it).
-    """
-    global crc32_clmul_flag
-    if name == "zlib":
-        crc32_clmul_flag = 0
-    elif name is None:
-        crc32_clmul_flag = -1
-    else:
-        raise ValueError("kernel must be 'zlib' or None")
-    return "pclmulqdq" if crc32_accelerated() else "zlib"
-
-
 def stamp_records(buf, base_offset, timestamp_ms):
     """Finish ``wire1.publish_records`` records in place: ``(count, last_len)``.
 
-    See the pure twin. Each record CRC is combined from the payload CRC in
-    the CRC field (zlib's crc32_combine, written out in _crc32.pxd), so the
-    payload is not read again, unless hashing it again is cheaper (short
-    payloads; see _COMBINE_MIN_*); the GIL is released over large buffers.
+    See the pure twin. Each record CRC continues the payload CRC in the CRC
+    field over the 16 bytes of offset and time, so the payload is not read
+    again; the GIL is released over large buffers.
     """
     cdef Py_buffer view
     cdef Py_ssize_t got, last = 0

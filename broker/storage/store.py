@@ -4,7 +4,7 @@ Layout (details in docs/storage.md)::
 
     <data-dir>/
       .lock                   held (flock) while a broker uses the directory
-      meta.json               {"format": 1}
+      meta.json               {"format": 2} (format 1 is upgraded in place: upgrade.py)
       checkpoint              recovery checkpoint (see checkpoint.py)
       topics/<topic>/         one directory per topic (see segment.py)
         <20 digits>.log       records
@@ -30,17 +30,19 @@ from typing import Callable
 from ..config import Config
 from ..topics import InvalidTopic, validate_topic
 from . import checkpoint
+from .fileio import fsync_dir
 from .filecache import FileCache
 from .tailcache import TailCache
 from .log import TopicLog
 from .offsets import OffsetStore
 from .topicconfig import TopicConfig, load_overrides, validate_overrides
+from .upgrade import upgrade_format1
 
 __all__ = ["LogStore", "DataDirLocked", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class DataDirLocked(RuntimeError):
@@ -144,15 +146,28 @@ class LogStore:
             with open(path) as f:
                 meta = json.load(f)
         except FileNotFoundError:
-            with open(path + ".tmp", "w") as f:
-                json.dump({"format": FORMAT_VERSION}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(path + ".tmp", path)
+            self._write_meta(path)
+            return
+        if meta.get("format") == 1:
+            # The same layout with each record's CRC computed in one pass
+            # (upgrade.py): rewrite the CRCs, then say format 2.
+            segments, records = upgrade_format1(self.topics_dir)
+            self._write_meta(path)
+            log.warning("upgraded data dir %s from storage format 1 to %d: %d records in %d "
+                        "segments", self.data_dir, FORMAT_VERSION, records, segments)
             return
         if meta.get("format") != FORMAT_VERSION:
             raise RuntimeError("data dir %s has storage format %r; this broker reads format %d"
                                % (self.data_dir, meta.get("format"), FORMAT_VERSION))
+
+    @staticmethod
+    def _write_meta(path: str) -> None:
+        with open(path + ".tmp", "w") as f:
+            json.dump({"format": FORMAT_VERSION}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        fsync_dir(os.path.dirname(path))
 
     def get(self, name: str) -> TopicLog | None:
         return self.topics.get(name)
