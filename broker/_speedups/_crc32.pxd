@@ -9,6 +9,9 @@
 cdef extern from "crc32_clmul.h" nogil:
     # zlib's crc32(crc, buf, len) for any size_t len
     unsigned long crc32 "pls_crc32" (unsigned long crc, const unsigned char* buf, size_t len)
+    # crc32(crc, buf, 16), one PCLMULQDQ reduction where the CPU has it:
+    # a record CRC's tail (offset and time), see records.pxd
+    unsigned long crc32_16 "pls_crc32_16" (unsigned long crc, const unsigned char* buf)
     # 1 if this process folds with PCLMULQDQ, else 0
     int crc32_accelerated "pls_crc32_accelerated" ()
 

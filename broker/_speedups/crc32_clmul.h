@@ -35,6 +35,33 @@ static int pls_crc32_clmul = -1;
 
 #ifdef PLS_CRC32_HAVE_CLMUL
 
+/* The raw CRC state of the 128-bit remainder ``a``, reduced to 32 bits. */
+__attribute__((target("pclmul,sse4.1")))
+static inline uint32_t pls_crc32_reduce128(__m128i a)
+{
+    /* x^(128-32), the low half of k3k4 below */
+    const __m128i k4 = _mm_set_epi64x(0x00ccaa009eLL, 0x01751997d0LL);
+    /* 64 -> 32 bits: x^64 */
+    const __m128i k5 = _mm_set_epi64x(0, 0x0163cd6124LL);
+    /* Barrett reduction: P(x) and mu = floor(x^64 / P(x)) */
+    const __m128i pmu = _mm_set_epi64x(0x01f7011641LL, 0x01db710641LL);
+    const __m128i low32 = _mm_setr_epi32(-1, 0, -1, 0);
+    __m128i t;
+
+    /* 128 -> 64 bits */
+    t = _mm_clmulepi64_si128(a, k4, 0x10);
+    a = _mm_xor_si128(_mm_srli_si128(a, 8), t);
+    /* 64 -> 32 bits */
+    t = _mm_srli_si128(a, 4);
+    a = _mm_clmulepi64_si128(_mm_and_si128(a, low32), k5, 0x00);
+    a = _mm_xor_si128(a, t);
+    /* Barrett reduction to the 32-bit remainder */
+    t = _mm_clmulepi64_si128(_mm_and_si128(a, low32), pmu, 0x10);
+    t = _mm_clmulepi64_si128(_mm_and_si128(t, low32), pmu, 0x00);
+    a = _mm_xor_si128(a, t);
+    return (uint32_t)_mm_extract_epi32(a, 1);
+}
+
 /* Raw (not inverted) CRC state of p[0:n], folded in from ``state``.
  * n >= 64 and n % 16 == 0. */
 __attribute__((target("pclmul,sse4.1")))
@@ -44,12 +71,7 @@ static uint32_t pls_crc32_fold(uint32_t state, const unsigned char *p, size_t n)
     const __m128i k1k2 = _mm_set_epi64x(0x01c6e41596LL, 0x0154442bd4LL);
     /* fold by 128 bits: x^(128+32), x^(128-32) */
     const __m128i k3k4 = _mm_set_epi64x(0x00ccaa009eLL, 0x01751997d0LL);
-    /* 64 -> 32 bits: x^64 */
-    const __m128i k5 = _mm_set_epi64x(0, 0x0163cd6124LL);
-    /* Barrett reduction: P(x) and mu = floor(x^64 / P(x)) */
-    const __m128i pmu = _mm_set_epi64x(0x01f7011641LL, 0x01db710641LL);
-    const __m128i low32 = _mm_setr_epi32(-1, 0, -1, 0);
-    __m128i a, b, c, d, t;
+    __m128i a, b, c, d;
 
     a = _mm_loadu_si128((const __m128i *)(p + 0));
     b = _mm_loadu_si128((const __m128i *)(p + 16));
@@ -85,18 +107,16 @@ static uint32_t pls_crc32_fold(uint32_t state, const unsigned char *p, size_t n)
     }
 #undef PLS_FOLD
 
-    /* 128 -> 64 bits */
-    t = _mm_clmulepi64_si128(a, k3k4, 0x10);
-    a = _mm_xor_si128(_mm_srli_si128(a, 8), t);
-    /* 64 -> 32 bits */
-    t = _mm_srli_si128(a, 4);
-    a = _mm_clmulepi64_si128(_mm_and_si128(a, low32), k5, 0x00);
-    a = _mm_xor_si128(a, t);
-    /* Barrett reduction to the 32-bit remainder */
-    t = _mm_clmulepi64_si128(_mm_and_si128(a, low32), pmu, 0x10);
-    t = _mm_clmulepi64_si128(_mm_and_si128(t, low32), pmu, 0x00);
-    a = _mm_xor_si128(a, t);
-    return (uint32_t)_mm_extract_epi32(a, 1);
+    return pls_crc32_reduce128(a);
+}
+
+/* Raw CRC state of the 16 bytes at p, folded in from ``state``: one block,
+ * straight to the reduction (a record CRC's tail: offset and time). */
+__attribute__((target("pclmul,sse4.1")))
+static uint32_t pls_crc32_block16(uint32_t state, const unsigned char *p)
+{
+    return pls_crc32_reduce128(_mm_xor_si128(
+        _mm_loadu_si128((const __m128i *)p), _mm_cvtsi32_si128((int)state)));
 }
 
 #endif /* PLS_CRC32_HAVE_CLMUL */
@@ -147,6 +167,16 @@ static inline unsigned long pls_crc32(unsigned long crc,
     }
 #endif
     return pls_crc32_zlib(crc, p, n);
+}
+
+/* pls_crc32(crc, p, 16): the 16 bytes of a record's offset and time. */
+static inline unsigned long pls_crc32_16(unsigned long crc, const unsigned char *p)
+{
+#ifdef PLS_CRC32_HAVE_CLMUL
+    if (pls_crc32_accelerated())
+        return ~pls_crc32_block16(~(uint32_t)crc, p) & 0xffffffffUL;
+#endif
+    return crc32(crc, p, 16);
 }
 
 #endif /* PLS_CRC32_CLMUL_H */

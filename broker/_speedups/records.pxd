@@ -4,7 +4,7 @@
 
 from libc.stdint cimport uint32_t, uint64_t
 
-from ._crc32 cimport crc32, crc32_update
+from ._crc32 cimport crc32_16, crc32_update
 
 
 cdef enum:
@@ -53,8 +53,7 @@ cdef inline void read_header(const unsigned char* p, RecordHeader* hdr) noexcept
 cdef inline uint32_t record_crc(const unsigned char* p, uint32_t payload_crc) noexcept nogil:
     # The record CRC of the record at p from its payload's CRC: continued
     # over offset and time (p[8:24]), so a payload is hashed once.
-    return <uint32_t>crc32(payload_crc, p + RECORD_CRC_START,
-                           RECORD_HEADER_SIZE - RECORD_CRC_START)
+    return <uint32_t>crc32_16(payload_crc, p + RECORD_CRC_START)
 
 
 cdef inline bint crc_matches(const unsigned char* p, const RecordHeader* hdr) noexcept:
