@@ -119,3 +119,119 @@ def test_unknown_format_is_refused(tmp_path, meta):
         json.dump(meta, f)
     with pytest.raises(RuntimeError, match="storage format"):
         make_store(path)
+
+
+def records_of(fname: str) -> list[bytes]:
+    data = open(fname, "rb").read()
+    out, pos = [], 0
+    while pos < len(data):
+        length = struct.unpack_from(">I", data, pos)[0]
+        out.append(data[pos:pos + 4 + length])
+        pos += 4 + length
+    return out
+
+
+def format2_valid(rec: bytes) -> bool:
+    return zlib.crc32(rec[8:24], zlib.crc32(rec[24:])) == struct.unpack_from(">I", rec, 4)[0]
+
+
+@pytest.mark.parametrize("which", ["sealed", "active"])
+def test_a_corrupt_record_stays_refused_and_the_rest_is_upgraded(tmp_path, which):
+    # A complete record valid under neither format (corrupt before the
+    # upgrade) is left byte for byte; the records before and after it in
+    # its segment are upgraded all the same.
+    path = str(tmp_path / "d")
+    build(path, random.Random(4))
+    to_format1(path)
+    tdir = os.path.join(path, "topics", "a")
+    names = segment_files(tdir)
+    fname = os.path.join(tdir, names[0] if which == "sealed" else names[-1])
+    recs = records_of(fname)
+    assert len(recs) >= 3
+    k = len(recs) // 2
+    bad = bytearray(recs[k])
+    bad[-1 if len(bad) > 24 else 20] ^= 0x40   # a payload (or time) bit
+    recs[k] = bytes(bad)
+    open(fname, "wb").write(b"".join(recs))
+    make_store(path).close()
+    after = records_of(fname)
+    assert after[k] == recs[k] and not format2_valid(after[k])
+    assert all(format2_valid(r) for i, r in enumerate(after) if i != k)
+    assert [r[8:] for r in after] == [r[8:] for r in recs]  # only CRC fields changed
+
+
+def test_records_bigger_than_a_chunk(tmp_path, monkeypatch):
+    # The upgrade streams a segment in chunks: make them smaller than a
+    # record, so that records straddle chunks and need reads of their own.
+    from broker.storage import upgrade
+    monkeypatch.setattr(upgrade, "_CHUNK", 50)
+    path = str(tmp_path / "d")
+    expected = build(path, random.Random(5))
+    to_format1(path)
+    last = os.path.join(path, "topics", "b", segment_files(os.path.join(path, "topics", "b"))[-1])
+    with open(last, "ab") as f:  # a torn tail longer than a header
+        f.write(struct.pack(">II", 500, 0) + b"x" * 100)
+    store = make_store(path)
+    try:
+        for name, want in expected.items():
+            assert read_all(store.get(name)) == want
+    finally:
+        store.close()
+
+
+def test_only_segments_of_valid_topics_are_touched(tmp_path):
+    path = str(tmp_path / "d")
+    build(path, random.Random(6))
+    to_format1(path)
+    tdir = os.path.join(path, "topics")
+    seg = os.path.join(tdir, "a", segment_files(os.path.join(tdir, "a"))[0])
+    old = open(seg, "rb").read()
+    # Format-1 records where the broker does not look: a directory that is
+    # no topic name, and files that are no segment names.
+    others = [os.path.join(tdir, "a", "notes.log"), os.path.join(tdir, "a", "0" * 19 + "x.log"),
+              os.path.join(tdir, "a", "\u0661" * 20 + ".log")]
+    os.mkdir(os.path.join(tdir, "not a topic"))
+    others.append(os.path.join(tdir, "not a topic", "0" * 20 + ".log"))
+    for name in others:
+        open(name, "wb").write(old)
+    # A copy left by an interrupted upgrade is removed, never read.
+    stale = seg + ".upgrade"
+    open(stale, "wb").write(b"garbage")
+    make_store(path).close()
+    assert not os.path.exists(stale)
+    for name in others:
+        assert open(name, "rb").read() == old, name
+    assert all(format2_valid(r) for r in records_of(seg))
+
+
+def test_a_failed_upgrade_leaves_format1_and_the_lock(tmp_path, monkeypatch):
+    # meta.json says format 2 only after every segment is upgraded; a
+    # failure leaves format 1 (the next start runs it again) and releases
+    # the data dir's lock.
+    from broker.storage import upgrade
+    path = str(tmp_path / "d")
+    expected = build(path, random.Random(7))
+    to_format1(path)
+    real = upgrade.upgrade_segment
+    calls = []
+
+    def failing(fname):
+        calls.append(fname)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(fname)
+
+    monkeypatch.setattr(upgrade, "upgrade_segment", failing)
+    with pytest.raises(OSError):
+        make_store(path)
+    assert json.load(open(os.path.join(path, "meta.json"))) == {"format": 1}
+    assert not [n for d in os.listdir(os.path.join(path, "topics"))
+                for n in os.listdir(os.path.join(path, "topics", d)) if n.endswith(".upgrade")]
+    monkeypatch.setattr(upgrade, "upgrade_segment", real)
+    store = make_store(path)  # the lock was released; the upgrade runs again
+    try:
+        for name, want in expected.items():
+            assert read_all(store.get(name)) == want
+    finally:
+        store.close()
+    assert json.load(open(os.path.join(path, "meta.json"))) == {"format": 2}

@@ -39,7 +39,7 @@ static int pls_crc32_clmul = -1;
 __attribute__((target("pclmul,sse4.1")))
 static inline uint32_t pls_crc32_reduce128(__m128i a)
 {
-    /* x^(128-32), the low half of k3k4 below */
+    /* k3k4 of pls_crc32_fold; only its high half, x^(128-32), is used here */
     const __m128i k4 = _mm_set_epi64x(0x00ccaa009eLL, 0x01751997d0LL);
     /* 64 -> 32 bits: x^64 */
     const __m128i k5 = _mm_set_epi64x(0, 0x0163cd6124LL);

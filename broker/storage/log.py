@@ -118,7 +118,7 @@ class TopicLog:
         with os.scandir(directory) as it:
             for e in it:
                 stem, _dot, ext = e.name.partition(".")
-                if len(stem) != 20 or not stem.isdigit():
+                if len(stem) != 20 or not (stem.isascii() and stem.isdigit()):
                     continue
                 if ext == "log":
                     sizes[int(stem)] = e.stat().st_size

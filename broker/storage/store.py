@@ -106,7 +106,12 @@ class LogStore:
             os.close(self._lock_fd)
             self._lock_fd = -1
             raise DataDirLocked("data dir %s is in use by another broker" % self.data_dir) from None
-        self._check_meta()
+        try:
+            self._check_meta()
+        except BaseException:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
+            raise
         found = checkpoint.read(self.data_dir)
         clean, entries = found if found is not None else (False, {})
         scanned_before = self.stats["recovery_scanned_bytes"]
@@ -148,17 +153,18 @@ class LogStore:
         except FileNotFoundError:
             self._write_meta(path)
             return
-        if meta.get("format") == 1:
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        if type(fmt) is int and fmt == 1:
             # The same layout with each record's CRC computed in one pass
             # (upgrade.py): rewrite the CRCs, then say format 2.
             segments, records = upgrade_format1(self.topics_dir)
             self._write_meta(path)
-            log.warning("upgraded data dir %s from storage format 1 to %d: %d records in %d "
-                        "segments", self.data_dir, FORMAT_VERSION, records, segments)
+            log.warning("upgraded data dir %s from storage format 1 to %d: %d records rewritten "
+                        "in %d segments", self.data_dir, FORMAT_VERSION, records, segments)
             return
-        if meta.get("format") != FORMAT_VERSION:
+        if type(fmt) is not int or fmt != FORMAT_VERSION:
             raise RuntimeError("data dir %s has storage format %r; this broker reads format %d"
-                               % (self.data_dir, meta.get("format"), FORMAT_VERSION))
+                               % (self.data_dir, fmt, FORMAT_VERSION))
 
     @staticmethod
     def _write_meta(path: str) -> None:

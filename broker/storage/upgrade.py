@@ -6,12 +6,20 @@ the payload, then continues over offset and time (``records.py``), so the
 broker derives a record's CRC from the CRC its publisher sent by hashing
 16 bytes. The layout is the same, so upgrading rewrites CRC fields only.
 
-Each segment is read whole, every record that is valid under format 1 gets
-its format-2 CRC, the file is written back over itself and fsynced; then
-``meta.json`` says format 2. An upgrade that a crash interrupts is simply
-run again at the next start: a record already valid under format 2 is left
-as it is. Scanning a segment stops at the first record valid under
-neither (a torn tail, which recovery then cuts off, as it would have).
+Each segment that has a format-1 record is copied, with every such record
+given its format-2 CRC, to ``<name>.log.upgrade``; the copy is fsynced and
+renamed over the segment, and the directory fsynced. So a crash leaves
+each segment either as it was or wholly upgraded, never a torn CRC field.
+Only then does ``meta.json`` say format 2 (``LogStore._check_meta``); an
+upgrade that a crash interrupts runs again at the next start, and finds
+the segments it did already valid under format 2.
+
+A complete record that is valid under neither format (corrupt before the
+upgrade) is copied as it is and logged, so it stays refused as it was,
+and the records after it are still upgraded. An incomplete record at the
+end of a segment (a torn tail) is copied as it is; recovery cuts it as
+before. Memory use is bounded: the file is read in chunks of 4 MiB (a
+record bigger than that is read whole, as reading it would need anyway).
 """
 
 from __future__ import annotations
@@ -22,49 +30,127 @@ import struct
 import zlib
 
 from ..topics import InvalidTopic, validate_topic
-from .fileio import pwrite_all
+from .fileio import fsync_dir
 
-__all__ = ["upgrade_format1"]
+__all__ = ["upgrade_format1", "upgrade_segment", "TEMP_SUFFIX"]
 
 log = logging.getLogger(__name__)
 
-_HEAD = struct.Struct(">II")
-_CRC = struct.Struct(">I")
+TEMP_SUFFIX = ".upgrade"     # <20 digits>.log.upgrade: a copy being written
+_U32 = struct.Struct(">I")
 _HEADER_SIZE = 24
+_CHUNK = 4 << 20
 
 
-def upgrade_segment(path: str) -> int:
-    """Rewrite format-1 record CRCs of one segment file; returns how many."""
-    with open(path, "r+b") as f:
-        data = bytearray(f.read())
-        view = memoryview(data)
-        pos = changed = 0
-        end = len(data)
-        while end - pos >= _HEADER_SIZE:
-            length, crc = _HEAD.unpack_from(data, pos)
-            nxt = pos + 4 + length
-            if length < _HEADER_SIZE - 4 or nxt > end:
-                break
-            new = zlib.crc32(view[pos + 8:pos + _HEADER_SIZE],
-                             zlib.crc32(view[pos + _HEADER_SIZE:nxt]))
-            if new != crc:
-                if zlib.crc32(view[pos + 8:nxt]) != crc:
-                    break  # valid under neither: a torn or corrupt tail
-                _CRC.pack_into(data, pos + 4, new)
-                changed += 1
-            pos = nxt
-        if changed:
-            pwrite_all(f.fileno(), view[:pos], 0)
-            os.fsync(f.fileno())
-        view.release()
-    return changed
+def _is_segment(fname: str) -> bool:
+    stem = fname[:-4]
+    return len(fname) == 24 and fname.endswith(".log") and stem.isascii() and stem.isdigit()
+
+
+def _walk(f, size: int):
+    """``(complete, bytearray)`` for each record of segment file ``f``, in order.
+
+    Complete records come whole (``True``). Whatever cannot be a complete
+    record (a torn tail, or everything from a length below the minimum,
+    after which no record boundary can be found) comes last, as ``False``.
+    At most one chunk plus one record is held at a time.
+    """
+    buf = bytearray()
+    pos = 0
+    left = size  # bytes of the file not read yet
+    while True:
+        avail = len(buf) - pos
+        need = _HEADER_SIZE
+        if avail >= 4:
+            length = _U32.unpack_from(buf, pos)[0]
+            if length < _HEADER_SIZE - 4:
+                need = -1  # no boundary after this: the rest goes as it is
+            elif avail >= 4 + length:
+                yield True, buf[pos:pos + 4 + length]
+                pos += 4 + length
+                continue
+            else:
+                need = 4 + length
+        if need < 0 or not left:
+            # need < 0: the rest of the file goes as it is
+            rest = buf[pos:] + (f.read(left) if left else b"")
+            if rest:
+                yield False, rest
+            return
+        del buf[:pos]
+        pos = 0
+        piece = f.read(min(left, max(_CHUNK, need - len(buf))))
+        if not piece:
+            raise RuntimeError("%s shrank during the upgrade" % f.name)
+        left -= len(piece)
+        buf += piece
+
+
+def _crcs(rec) -> tuple[int, int, int]:
+    """(stored CRC, format-2 CRC, format-1 CRC) of a complete record."""
+    view = memoryview(rec)
+    return (_U32.unpack_from(rec, 4)[0],
+            zlib.crc32(view[8:_HEADER_SIZE], zlib.crc32(view[_HEADER_SIZE:])),
+            zlib.crc32(view[8:]))
+
+
+def upgrade_segment(path: str) -> tuple[int, int]:
+    """Give the format-1 records of one segment file their format-2 CRCs.
+
+    Returns ``(upgraded, corrupt)``: records rewritten, and complete records
+    valid under neither format (left as they were). The file is replaced
+    (by a fsynced copy, renamed over it) only if a record changes.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        for complete, rec in _walk(f, size):
+            if complete:
+                stored, new, old = _crcs(rec)
+                if stored != new and stored == old:
+                    break
+        else:
+            return 0, 0  # nothing in format 1 (an upgrade already did it)
+        f.seek(0)
+        tmp = path + TEMP_SUFFIX
+        upgraded = corrupt = written = 0
+        try:
+            with open(tmp, "wb", buffering=_CHUNK) as out:
+                for complete, rec in _walk(f, size):
+                    if complete:
+                        stored, new, old = _crcs(rec)
+                        if stored != new:
+                            if stored == old:
+                                rec = rec[:4] + _U32.pack(new) + rec[8:]
+                                upgraded += 1
+                            else:
+                                corrupt += 1
+                                log.warning("%s: the record at byte %d is valid under neither "
+                                            "storage format; left as it is", path, written)
+                    out.write(rec)
+                    written += len(rec)
+                if written != size:
+                    raise RuntimeError("upgrade of %s copied %d of %d bytes"
+                                       % (path, written, size))
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
+    return upgraded, corrupt
 
 
 def upgrade_format1(topics_dir: str) -> tuple[int, int]:
     """Give every record under ``topics_dir`` its format-2 CRC: ``(segments, records)``.
 
-    Only what ``LogStore.open`` would read is touched: valid topic
-    directories and their ``<20 digits>.log`` files.
+    ``segments`` counts the segment files rewritten. Only what
+    ``LogStore.open`` reads is touched: valid topic directories and their
+    ``<20 digits>.log`` files; copies left by an interrupted upgrade
+    (``*.log.upgrade``) are removed first.
     """
     segments = records = 0
     for name in sorted(os.listdir(topics_dir)):
@@ -75,9 +161,14 @@ def upgrade_format1(topics_dir: str) -> tuple[int, int]:
         directory = os.path.join(topics_dir, name)
         if not os.path.isdir(directory):
             continue
-        for fname in sorted(os.listdir(directory)):
-            if len(fname) == 24 and fname.endswith(".log") and fname[:20].isdigit():
-                n = upgrade_segment(os.path.join(directory, fname))
-                segments += 1
-                records += n
+        names = sorted(os.listdir(directory))
+        for fname in names:
+            if fname.endswith(TEMP_SUFFIX) and _is_segment(fname[:-len(TEMP_SUFFIX)]):
+                os.unlink(os.path.join(directory, fname))
+        for fname in names:
+            if _is_segment(fname):
+                n, _corrupt = upgrade_segment(os.path.join(directory, fname))
+                if n:
+                    segments += 1
+                    records += n
     return segments, records
