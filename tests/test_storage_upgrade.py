@@ -64,11 +64,8 @@ def build(path, rng) -> dict:
     return expected
 
 
-def test_format1_data_dir_is_upgraded_and_reads_back(tmp_path, records_impl):
-    path = str(tmp_path / "d")
-    expected = build(path, random.Random(1))
-    assert len(segment_files(os.path.join(path, "topics", "a"))) > 1
-    assert to_format1(path) > 0
+def assert_reads_back(path, expected: dict) -> None:
+    """Open the data dir (upgrading it) and read every topic back."""
     store = make_store(path)
     try:
         for name, want in expected.items():
@@ -76,6 +73,14 @@ def test_format1_data_dir_is_upgraded_and_reads_back(tmp_path, records_impl):
             assert store.get(name).end_offset == len(want)
     finally:
         store.close()
+
+
+def test_format1_data_dir_is_upgraded_and_reads_back(tmp_path, records_impl):
+    path = str(tmp_path / "d")
+    expected = build(path, random.Random(1))
+    assert len(segment_files(os.path.join(path, "topics", "a"))) > 1
+    assert to_format1(path) > 0
+    assert_reads_back(path, expected)
     assert json.load(open(os.path.join(path, "meta.json"))) == {"format": 2}
     # every record is format 2 now: to_format1 checks that before rewriting
     to_format1(path)
@@ -88,12 +93,7 @@ def test_interrupted_upgrade_runs_again(tmp_path, records_impl):
     rng = random.Random(2)
     expected = build(path, rng)
     to_format1(path, keep_new=0.5, rng=rng)
-    store = make_store(path)
-    try:
-        for name, want in expected.items():
-            assert read_all(store.get(name)) == want
-    finally:
-        store.close()
+    assert_reads_back(path, expected)
 
 
 def test_upgrade_stops_at_a_torn_tail(tmp_path, records_impl):
@@ -103,15 +103,10 @@ def test_upgrade_stops_at_a_torn_tail(tmp_path, records_impl):
     last = os.path.join(path, "topics", "a", segment_files(os.path.join(path, "topics", "a"))[-1])
     with open(last, "ab") as f:
         f.write(struct.pack(">II", 100, 0) + b"torn")
-    store = make_store(path)
-    try:
-        assert read_all(store.get("a")) == expected["a"]
-        assert read_all(store.get("b")) == expected["b"]
-    finally:
-        store.close()
+    assert_reads_back(path, expected)
 
 
-@pytest.mark.parametrize("meta", [{"format": 3}, {"format": "1"}, {}])
+@pytest.mark.parametrize("meta", [{"format": 3}, {"format": "1"}, {"format": True}, {}, [1]])
 def test_unknown_format_is_refused(tmp_path, meta):
     path = str(tmp_path / "d")
     make_store(path).close()
@@ -171,12 +166,7 @@ def test_records_bigger_than_a_chunk(tmp_path, monkeypatch):
     last = os.path.join(path, "topics", "b", segment_files(os.path.join(path, "topics", "b"))[-1])
     with open(last, "ab") as f:  # a torn tail longer than a header
         f.write(struct.pack(">II", 500, 0) + b"x" * 100)
-    store = make_store(path)
-    try:
-        for name, want in expected.items():
-            assert read_all(store.get(name)) == want
-    finally:
-        store.close()
+    assert_reads_back(path, expected)
 
 
 def test_only_segments_of_valid_topics_are_touched(tmp_path):
@@ -194,11 +184,14 @@ def test_only_segments_of_valid_topics_are_touched(tmp_path):
     others.append(os.path.join(tdir, "not a topic", "0" * 20 + ".log"))
     for name in others:
         open(name, "wb").write(old)
-    # A copy left by an interrupted upgrade is removed, never read.
-    stale = seg + ".upgrade"
-    open(stale, "wb").write(b"garbage")
+    # Copies left by an interrupted upgrade are removed, never read: one
+    # beside a segment the upgrade rewrites (its copy is made anew), one
+    # whose segment is gone.
+    stale = [seg + ".tmp", os.path.join(tdir, "a", "9" * 20 + ".log.tmp")]
+    for name in stale:
+        open(name, "wb").write(b"garbage")
     make_store(path).close()
-    assert not os.path.exists(stale)
+    assert not [name for name in stale if os.path.exists(name)]
     for name in others:
         assert open(name, "rb").read() == old, name
     assert all(format2_valid(r) for r in records_of(seg))
@@ -226,7 +219,7 @@ def test_a_failed_upgrade_leaves_format1_and_the_lock(tmp_path, monkeypatch):
         make_store(path)
     assert json.load(open(os.path.join(path, "meta.json"))) == {"format": 1}
     assert not [n for d in os.listdir(os.path.join(path, "topics"))
-                for n in os.listdir(os.path.join(path, "topics", d)) if n.endswith(".upgrade")]
+                for n in os.listdir(os.path.join(path, "topics", d)) if n.endswith(".tmp")]
     monkeypatch.setattr(upgrade, "upgrade_segment", real)
     store = make_store(path)  # the lock was released; the upgrade runs again
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 __all__ = [
-    "write_all", "pwrite_all", "fsync_dir", "atomic_write", "write_replace",
+    "write_all", "pwrite_all", "fsync_dir", "atomic_write", "write_replace", "write_replace_parts",
     "advise", "FADV_SEQUENTIAL", "FADV_DONTNEED", "start_writeback",
 ]
 
@@ -81,11 +81,19 @@ def write_replace(path: str, data, *, durable: bool) -> None:
     A failure (ENOSPC, EIO) removes the temporary file and leaves ``path``
     as it was.
     """
+    write_replace_parts(path, (data,), durable=durable)
+
+
+def write_replace_parts(path: str, parts, *, durable: bool) -> None:
+    """:func:`write_replace` of the concatenation of ``parts``, an iterable
+    of buffers consumed one at a time (so a large file is never whole in
+    memory). An exception from the iterable is a failure like any other."""
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         try:
-            write_all(fd, data)
+            for data in parts:
+                write_all(fd, data)
             if durable:
                 os.fsync(fd)
         finally:

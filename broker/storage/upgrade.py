@@ -7,7 +7,7 @@ broker derives a record's CRC from the CRC its publisher sent by hashing
 16 bytes. The layout is the same, so upgrading rewrites CRC fields only.
 
 Each segment that has a format-1 record is copied, with every such record
-given its format-2 CRC, to ``<name>.log.upgrade``; the copy is fsynced and
+given its format-2 CRC, to ``<name>.log.tmp``; the copy is fsynced and
 renamed over the segment, and the directory fsynced. So a crash leaves
 each segment either as it was or wholly upgraded, never a torn CRC field.
 Only then does ``meta.json`` say format 2 (``LogStore._check_meta``); an
@@ -30,13 +30,13 @@ import struct
 import zlib
 
 from ..topics import InvalidTopic, validate_topic
-from .fileio import fsync_dir
+from .fileio import write_replace_parts
 
 __all__ = ["upgrade_format1", "upgrade_segment", "TEMP_SUFFIX"]
 
 log = logging.getLogger(__name__)
 
-TEMP_SUFFIX = ".upgrade"     # <20 digits>.log.upgrade: a copy being written
+TEMP_SUFFIX = ".tmp"     # <20 digits>.log.tmp: a copy being written (write_replace_parts)
 _U32 = struct.Struct(">I")
 _HEADER_SIZE = 24
 _CHUNK = 4 << 20
@@ -99,8 +99,10 @@ def upgrade_segment(path: str) -> tuple[int, int]:
 
     Returns ``(upgraded, corrupt)``: records rewritten, and complete records
     valid under neither format (left as they were). The file is replaced
-    (by a fsynced copy, renamed over it) only if a record changes.
+    (``fileio.write_replace_parts``: a fsynced copy renamed over it) only if
+    a record changes.
     """
+    counts = [0, 0]
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         for complete, rec in _walk(f, size):
@@ -111,37 +113,34 @@ def upgrade_segment(path: str) -> tuple[int, int]:
         else:
             return 0, 0  # nothing in format 1 (an upgrade already did it)
         f.seek(0)
-        tmp = path + TEMP_SUFFIX
-        upgraded = corrupt = written = 0
-        try:
-            with open(tmp, "wb", buffering=_CHUNK) as out:
-                for complete, rec in _walk(f, size):
-                    if complete:
-                        stored, new, old = _crcs(rec)
-                        if stored != new:
-                            if stored == old:
-                                rec = rec[:4] + _U32.pack(new) + rec[8:]
-                                upgraded += 1
-                            else:
-                                corrupt += 1
-                                log.warning("%s: the record at byte %d is valid under neither "
-                                            "storage format; left as it is", path, written)
-                    out.write(rec)
-                    written += len(rec)
-                if written != size:
-                    raise RuntimeError("upgrade of %s copied %d of %d bytes"
-                                       % (path, written, size))
-                out.flush()
-                os.fsync(out.fileno())
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path))
-    return upgraded, corrupt
+        write_replace_parts(path, _upgraded(f, size, path, counts), durable=True)
+    return counts[0], counts[1]
+
+
+def _upgraded(f, size: int, path: str, counts: list):
+    """The bytes of segment file ``f`` with format-2 CRCs, in chunks of about 4 MiB."""
+    chunk = bytearray()
+    written = 0
+    for complete, rec in _walk(f, size):
+        if complete:
+            stored, new, old = _crcs(rec)
+            if stored != new:
+                if stored == old:
+                    _U32.pack_into(rec, 4, new)
+                    counts[0] += 1
+                else:
+                    counts[1] += 1
+                    log.warning("%s: the record at byte %d is valid under neither storage "
+                                "format; left as it is", path, written + len(chunk))
+        chunk += rec
+        if len(chunk) >= _CHUNK:
+            written += len(chunk)
+            yield chunk
+            chunk = bytearray()
+    written += len(chunk)
+    if written != size:
+        raise RuntimeError("upgrade of %s copied %d of %d bytes" % (path, written, size))
+    yield chunk
 
 
 def upgrade_format1(topics_dir: str) -> tuple[int, int]:
@@ -150,7 +149,7 @@ def upgrade_format1(topics_dir: str) -> tuple[int, int]:
     ``segments`` counts the segment files rewritten. Only what
     ``LogStore.open`` reads is touched: valid topic directories and their
     ``<20 digits>.log`` files; copies left by an interrupted upgrade
-    (``*.log.upgrade``) are removed first.
+    (``*.log.tmp``) are removed first.
     """
     segments = records = 0
     for name in sorted(os.listdir(topics_dir)):
