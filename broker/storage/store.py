@@ -30,7 +30,7 @@ from typing import Callable
 from ..config import Config
 from ..topics import InvalidTopic, validate_topic
 from . import checkpoint
-from .fileio import fsync_dir
+from .fileio import atomic_write
 from .filecache import FileCache
 from .tailcache import TailCache
 from .log import TopicLog
@@ -157,10 +157,10 @@ class LogStore:
         if type(fmt) is int and fmt == 1:
             # The same layout with each record's CRC computed in one pass
             # (upgrade.py): rewrite the CRCs, then say format 2.
-            segments, records = upgrade_format1(self.topics_dir)
+            segments, rewritten = upgrade_format1(self.topics_dir)
             self._write_meta(path)
             log.warning("upgraded data dir %s from storage format 1 to %d: %d records rewritten "
-                        "in %d segments", self.data_dir, FORMAT_VERSION, records, segments)
+                        "in %d segments", self.data_dir, FORMAT_VERSION, rewritten, segments)
             return
         if type(fmt) is not int or fmt != FORMAT_VERSION:
             raise RuntimeError("data dir %s has storage format %r; this broker reads format %d"
@@ -168,12 +168,7 @@ class LogStore:
 
     @staticmethod
     def _write_meta(path: str) -> None:
-        with open(path + ".tmp", "w") as f:
-            json.dump({"format": FORMAT_VERSION}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-        fsync_dir(os.path.dirname(path))
+        atomic_write(path, json.dumps({"format": FORMAT_VERSION}).encode())
 
     def get(self, name: str) -> TopicLog | None:
         return self.topics.get(name)
