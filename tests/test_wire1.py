@@ -487,6 +487,35 @@ def test_publish_records_then_stamp_equals_encode_records(w):
     assert bytes(recs) == bytes(raw_records_same_time(STAMP_MSGS, 1000, 1_700_000_000_123))
 
 
+@pytest.mark.parametrize("kernel", ["zlib", "pclmulqdq"])
+def test_record_crcs_with_either_crc_kernel(twins, kernel):
+    # The compiled records module hashes with PCLMULQDQ where the CPU has
+    # it (the payload by folding, the 16 bytes of offset and time by one
+    # reduction) and with zlib elsewhere: run both on this CPU.
+    c, py = twins
+    try:
+        if c.records._use_crc32_kernel("zlib" if kernel == "zlib" else None) != kernel:
+            pytest.skip("this CPU has no PCLMULQDQ (the compiled codec uses zlib)")
+        for base, ts in ((0, 0), (77, 88), ((1 << 63) + 5, (1 << 64) - 1)):
+            for msgs in (STAMP_MSGS, STAMP_MSGS[::-1]):
+                want = py.records.encode_records(msgs, base, ts)
+                assert c.records.encode_records(msgs, base, ts) == want
+                recs = c.wire1.publish_records(raw_pub_payload(b"t", msgs))[1]
+                assert c.records.stamp_records(recs, base, ts) == (len(msgs), 24 + len(msgs[-1]))
+                assert bytes(recs) == want
+                assert c.records.scan_records(want, base) == (len(msgs), len(want))
+                assert c.records.decode_records(want, 0, 1 << 64, 0) == \
+                    py.records.decode_records(want, 0, 1 << 64, 0)
+                for flip in (4, 9, 23, 24, len(want) - 1):  # CRC, offset, time, payload
+                    bad = bytearray(want)
+                    bad[flip] ^= 0x10
+                    assert c.records.scan_records(bytes(bad), base) == \
+                        py.records.scan_records(bytes(bad), base)
+                    assert c.records.scan_records(bytes(bad), base)[0] < len(msgs)
+    finally:
+        c.records._use_crc32_kernel(None)
+
+
 def raw_records_same_time(msgs, base, ts):
     out = b""
     for i, m in enumerate(msgs):

@@ -14,6 +14,8 @@ cdef extern from "crc32_clmul.h" nogil:
     unsigned long crc32_16 "pls_crc32_16" (unsigned long crc, const unsigned char* buf)
     # 1 if this process folds with PCLMULQDQ, else 0
     int crc32_accelerated "pls_crc32_accelerated" ()
+    # the probe's result in this module (-1 before the probe); tests force zlib
+    int crc32_clmul_flag "pls_crc32_clmul"
 
 
 cdef enum:

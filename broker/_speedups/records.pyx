@@ -23,7 +23,7 @@ from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport UINT32_MAX, UINT64_MAX, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from ._crc32 cimport CRC_NOGIL_BATCH, crc32_update
+from ._crc32 cimport CRC_NOGIL_BATCH, crc32_accelerated, crc32_clmul_flag, crc32_update
 
 import struct
 
@@ -200,6 +200,23 @@ cdef Py_ssize_t _stamp(unsigned char* p, Py_ssize_t end, uint64_t base, uint64_t
         pos += 4 + length
         count += 1
     return count
+
+
+def _use_crc32_kernel(name):
+    """Tests only: make this module hash with ``"zlib"``, or probe again (``None``).
+
+    Returns the kernel now in use. Each extension module has its own copy
+    of the probe's result; this sets the records module's, so that tests
+    can run the zlib path of every record CRC on a CPU with PCLMULQDQ.
+    """
+    global crc32_clmul_flag
+    if name == "zlib":
+        crc32_clmul_flag = 0
+    elif name is None:
+        crc32_clmul_flag = -1
+    else:
+        raise ValueError("kernel must be 'zlib' or None")
+    return "pclmulqdq" if crc32_accelerated() else "zlib"
 
 
 def stamp_records(buf, base_offset, timestamp_ms):
