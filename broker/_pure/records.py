@@ -91,7 +91,6 @@ def stamp_records(buf, base_offset: int, timestamp_ms: int):
     off = base_offset
     unpack_head, pack_tail, pack_rest, crc32 = (
         _LEN_CRC.unpack_from, _OFF_TIME.pack, _CRC_OFF_TIME.pack_into, zlib.crc32)
-    length = -4
     while pos < end:
         try:
             length, crc = unpack_head(buf, pos)

@@ -565,17 +565,6 @@ def check_peers(peers: list[str]) -> dict:
     return missing
 
 
-def _mem_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def warm_memory(gib: float) -> tuple[int, float]:
     """Touch ``gib`` GiB of anonymous memory once, then release it: (bytes, seconds).
 
@@ -590,7 +579,7 @@ def warm_memory(gib: float) -> tuple[int, float]:
     """
     import mmap
     want = int(gib * 2 ** 30)
-    cap = _mem_available() - 2 * 2 ** 30
+    cap = report.meminfo("MemAvailable") - 2 * 2 ** 30
     size = max(0, min(want, cap)) // mmap.PAGESIZE * mmap.PAGESIZE
     if size <= 0:
         return 0, 0.0

@@ -10,7 +10,7 @@ import platform
 import subprocess
 import sys
 
-__all__ = ["percentiles", "machine_info", "results_table", "ratio_table", "targets_table",
+__all__ = ["percentiles", "machine_info", "meminfo", "results_table", "ratio_table", "targets_table",
            "write_json", "plot", "fmt_rate"]
 
 
@@ -28,6 +28,18 @@ def percentiles(samples_ns: array.array, points=(50.0, 99.0, 99.9)) -> list[floa
         return [s[min(n - 1, max(0, math.ceil(p / 100.0 * n) - 1))] / 1e6 for p in points]
 
 
+def meminfo(field: str) -> int:
+    """A ``/proc/meminfo`` field in bytes (``MemTotal``, ``MemAvailable``...); 0 if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def machine_info() -> dict:
     """nproc, CPU model, kernel, Python, load: what a reader needs to judge the numbers."""
     model = "?"
@@ -43,14 +55,7 @@ def machine_info() -> dict:
         load = os.getloadavg()
     except OSError:
         load = (float("nan"),) * 3
-    mem = 0
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    mem = int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    mem = meminfo("MemTotal")
     try:  # the compiled codec's CRC-32 kernel; the pure twin always uses zlib
         from .._speedups.frames import CRC32_KERNEL as crc32
     except ImportError:

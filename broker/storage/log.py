@@ -30,7 +30,7 @@ from ..codec import records
 from . import recordwalk
 from .checkpoint import CheckpointEntry
 from .fileio import atomic_write, fsync_dir
-from .segment import HEADER_SIZE as _HEADER_SIZE, Segment
+from .segment import HEADER_SIZE as _HEADER_SIZE, Segment, parse_segment_file
 from .tailcache import LOOKBACK
 from .topicconfig import CONFIG_FILE, TopicConfig, encode_overrides
 
@@ -117,13 +117,14 @@ class TopicLog:
         orphans = []
         with os.scandir(directory) as it:
             for e in it:
-                stem, _dot, ext = e.name.partition(".")
-                if len(stem) != 20 or not (stem.isascii() and stem.isdigit()):
+                parsed = parse_segment_file(e.name)
+                if parsed is None:
                     continue
+                base, ext = parsed
                 if ext == "log":
-                    sizes[int(stem)] = e.stat().st_size
+                    sizes[base] = e.stat().st_size
                 elif ext == "index":
-                    orphans.append(int(stem))
+                    orphans.append(base)
         for base in orphans:
             if base not in sizes:  # left by a deletion cut short
                 try:

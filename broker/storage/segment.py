@@ -48,6 +48,18 @@ def segment_name(base_offset: int) -> str:
     return "%020d" % base_offset
 
 
+def parse_segment_file(fname: str) -> tuple[int, str] | None:
+    """``(base offset, extension)`` of a file named ``<20 digits>.<ext>``, else None.
+
+    The extension is everything after the first dot: ``log``, ``index``,
+    or ``log.tmp`` for a copy being written (``fileio.write_replace``).
+    """
+    stem, _dot, ext = fname.partition(".")
+    if len(stem) != 20 or not (stem.isascii() and stem.isdigit()):
+        return None
+    return int(stem), ext
+
+
 class Segment:
     """A segment file, its index, and where its valid data ends."""
 

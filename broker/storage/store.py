@@ -116,15 +116,7 @@ class LogStore:
         clean, entries = found if found is not None else (False, {})
         scanned_before = self.stats["recovery_scanned_bytes"]
         stale = False  # a checkpoint entry did not match: rewrite the checkpoint
-        for name in sorted(os.listdir(self.topics_dir)):
-            try:
-                validate_topic(name.encode("utf-8", "surrogateescape"))
-            except InvalidTopic:
-                log.warning("ignoring %s: not a valid topic directory", name)
-                continue
-            directory = os.path.join(self.topics_dir, name)
-            if not os.path.isdir(directory):
-                continue
+        for name, directory in self._topic_dirs():
             overrides = load_overrides(directory)
             entry = entries.get(name)
             topic = TopicLog.open(name, directory, self.defaults.with_overrides(overrides),
@@ -145,6 +137,20 @@ class LogStore:
                  len(self.topics), self.data_dir,
                  "clean" if clean else "crash-time" if found else "no", scanned)
 
+    def _topic_dirs(self) -> list[tuple[str, str]]:
+        """``(name, path)`` of each topic directory, in name order; others are ignored."""
+        out = []
+        for name in sorted(os.listdir(self.topics_dir)):
+            try:
+                validate_topic(name.encode("utf-8", "surrogateescape"))
+            except InvalidTopic:
+                log.warning("ignoring %s: not a valid topic directory", name)
+                continue
+            directory = os.path.join(self.topics_dir, name)
+            if os.path.isdir(directory):
+                out.append((name, directory))
+        return out
+
     def _check_meta(self) -> None:
         path = os.path.join(self.data_dir, "meta.json")
         try:
@@ -157,7 +163,7 @@ class LogStore:
         if type(fmt) is int and fmt == 1:
             # The same layout with each record's CRC computed in one pass
             # (upgrade.py): rewrite the CRCs, then say format 2.
-            segments, rewritten = upgrade_format1(self.topics_dir)
+            segments, rewritten = upgrade_format1([d for _name, d in self._topic_dirs()])
             self._write_meta(path)
             log.warning("upgraded data dir %s from storage format 1 to %d: %d records rewritten "
                         "in %d segments", self.data_dir, FORMAT_VERSION, rewritten, segments)

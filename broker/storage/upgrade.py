@@ -29,8 +29,8 @@ import os
 import struct
 import zlib
 
-from ..topics import InvalidTopic, validate_topic
 from .fileio import write_replace_parts
+from .segment import parse_segment_file
 
 __all__ = ["upgrade_format1", "upgrade_segment", "TEMP_SUFFIX"]
 
@@ -40,11 +40,6 @@ TEMP_SUFFIX = ".tmp"     # <20 digits>.log.tmp: a copy being written (write_repl
 _U32 = struct.Struct(">I")
 _HEADER_SIZE = 24
 _CHUNK = 4 << 20
-
-
-def _is_segment(fname: str) -> bool:
-    stem = fname[:-4]
-    return len(fname) == 24 and fname.endswith(".log") and stem.isascii() and stem.isdigit()
 
 
 def _walk(f, size: int):
@@ -143,29 +138,22 @@ def _upgraded(f, size: int, path: str, counts: list):
     yield chunk
 
 
-def upgrade_format1(topics_dir: str) -> tuple[int, int]:
-    """Give every record under ``topics_dir`` its format-2 CRC: ``(segments, records)``.
+def upgrade_format1(topic_dirs) -> tuple[int, int]:
+    """Give every record in ``topic_dirs`` its format-2 CRC: ``(segments, records)``.
 
-    ``segments`` counts the segment files rewritten. Only what
-    ``LogStore.open`` reads is touched: valid topic directories and their
-    ``<20 digits>.log`` files; copies left by an interrupted upgrade
-    (``*.log.tmp``) are removed first.
+    ``topic_dirs`` are the topic directories ``LogStore.open`` reads
+    (``LogStore._topic_dirs``); in each, only ``<20 digits>.log`` files are
+    touched, after copies left by an interrupted upgrade (``*.log.tmp``)
+    are removed. ``segments`` counts the segment files rewritten.
     """
     segments = records = 0
-    for name in sorted(os.listdir(topics_dir)):
-        try:
-            validate_topic(name.encode("utf-8", "surrogateescape"))
-        except InvalidTopic:
-            continue
-        directory = os.path.join(topics_dir, name)
-        if not os.path.isdir(directory):
-            continue
-        names = sorted(os.listdir(directory))
-        for fname in names:
-            if fname.endswith(TEMP_SUFFIX) and _is_segment(fname[:-len(TEMP_SUFFIX)]):
+    for directory in topic_dirs:
+        files = [(fname, parse_segment_file(fname)) for fname in sorted(os.listdir(directory))]
+        for fname, parsed in files:
+            if parsed is not None and parsed[1] == "log" + TEMP_SUFFIX:
                 os.unlink(os.path.join(directory, fname))
-        for fname in names:
-            if _is_segment(fname):
+        for fname, parsed in files:
+            if parsed is not None and parsed[1] == "log":
                 n, _corrupt = upgrade_segment(os.path.join(directory, fname))
                 if n:
                     segments += 1
