@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
+import threading
 
 import pytest
 
 from broker.storage import LogStore
 import storage_helpers
 from storage_helpers import (
-    append, make_store, publish, read_all, segment_files, start_writer)
+    append, make_store, publish, publish_records, read_all, segment_files, start_writer)
 
 records_impl = storage_helpers.records_impl  # fixture: every test runs with both codecs
 
@@ -203,6 +205,62 @@ def test_second_job_queued_under_load_loses_nothing(records_impl, tmp_path):
     asyncio.run(main())
     assert max(seen_two) == 2, "no second job was ever queued (%r)" % sorted(set(seen_two))
 
+
+
+def test_records_behind_a_failed_batch_close_the_gap(records_impl, tmp_path, monkeypatch,
+                                                     caplog):
+    """v1 batches get their offsets on the loop, as they arrive. One that
+    arrives while the batch before it is being written, and that batch then
+    fails, was made with offsets after the failed ones: it is stored right
+    after the last stored record (re-encoded), so no gap opens, and the
+    batches after it continue from there."""
+    entered, release = threading.Event(), threading.Event()
+    real_pwrite = os.pwrite
+
+    def pwrite(fd, data, pos):
+        if os.readlink("/proc/self/fd/%d" % fd).endswith(".log") and bytes(data).find(b"FAIL") >= 0:
+            entered.set()
+            release.wait(10)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_pwrite(fd, data, pos)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+
+    async def main():
+        store = make_store(tmp_path, segment_bytes=1 << 20)
+        writer = await start_writer(store)
+        topic = store.get_or_create("t")
+        loop = asyncio.get_running_loop()
+        results = {}
+
+        def stored(name):
+            fut = loop.create_future()
+            results[name] = fut
+            return lambda base, count, exc: fut.set_result((base, count, exc))
+
+        publish_records(writer, topic, [b"A0", b"A1"], stored("A"))
+        assert await asyncio.wait_for(results["A"], 10) == (0, 2, None)
+        publish_records(writer, topic, [b"FAIL%d" % i for i in range(3)], stored("F"))
+        assert await loop.run_in_executor(None, entered.wait, 10)  # F is being written
+        publish_records(writer, topic, [b"B0", b"B1"], stored("B"))  # made with offsets 5, 6
+        release.set()
+        base, count, exc = await asyncio.wait_for(results["F"], 10)
+        assert (base, count, exc.errno) == (None, 3, errno.EIO)
+        assert await asyncio.wait_for(results["B"], 10) == (2, 2, None)
+        publish_records(writer, topic, [b"C0"], stored("C"))  # offset 4 again
+        assert await asyncio.wait_for(results["C"], 10) == (4, 1, None)
+        await writer.close()
+        store.close()
+
+    with caplog.at_level("WARNING", logger="broker.storage.writer"):
+        asyncio.run(main())
+    assert "records moved from offset 5 to 2" in caplog.text
+    store = make_store(tmp_path)  # as recovery reads the files: every CRC checked
+    topic = store.get("t")
+    assert [(o, p) for o, _t, p in read_all(topic)] == [
+        (0, b"A0"), (1, b"A1"), (2, b"B0"), (3, b"B1"), (4, b"C0")]
+    assert [t for _o, t, _p in read_all(topic)] == sorted(t for _o, t, _p in read_all(topic))
+    store.close()
 
 
 def test_syncer_survives_an_unexpected_error(tmp_path, monkeypatch):

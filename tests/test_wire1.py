@@ -458,7 +458,7 @@ def test_parse_publish_errors(w):
 
 
 
-# -- publish_records + records.stamp_records: the broker's publish path ---------
+# -- publish_records: the broker's publish path ------------------------------------
 
 # Empty, short and long payloads: below 64 bytes the compiled CRC is zlib's,
 # from 64 the PCLMULQDQ fold (where the CPU has it), whose tail (the last
@@ -468,41 +468,34 @@ STAMP_MSGS = [b"", b"a", b"y" * 127, b"z" * 128, bytes(range(256)) * 4, b"\0" * 
               b"u" * 3000, b"v" * 2500, b"w" * 3000]
 
 
-def test_publish_records_then_stamp_equals_encode_records(w):
+def test_publish_records_equals_encode_records(w):
     payload = raw_pub_payload(b"t\xc3\xa9", STAMP_MSGS)
-    topic, recs, count, bad = w.wire1.publish_records(payload)
-    assert (topic, count, bad) == (b"t\xc3\xa9", len(STAMP_MSGS), -1)
+    topic, recs, count, bad, last_len = w.wire1.publish_records(payload, 1000, 1_700_000_000_123)
+    assert (topic, count, bad, last_len) == (b"t\xc3\xa9", len(STAMP_MSGS), -1,
+                                             24 + len(STAMP_MSGS[-1]))
     assert type(recs) is bytearray
-    # Before stamping: the layout of records, offset and time zero, and the
-    # message's own CRC in the CRC field.
-    pos = 0
-    for m in STAMP_MSGS:
-        assert recs[pos:pos + 24] == struct.pack(">IIQQ", 20 + len(m), zlib.crc32(m), 0, 0)
-        assert recs[pos + 24:pos + 24 + len(m)] == m
-        pos += 24 + len(m)
-    assert pos == len(recs)
-    got = w.records.stamp_records(recs, 1000, 1_700_000_000_123)
-    assert got == (len(STAMP_MSGS), 24 + len(STAMP_MSGS[-1]))
+    # Finished records: offsets from 1000, the time, each record's CRC.
     assert bytes(recs) == w.records.encode_records(STAMP_MSGS, 1000, 1_700_000_000_123)
     assert bytes(recs) == bytes(raw_records_same_time(STAMP_MSGS, 1000, 1_700_000_000_123))
+    assert w.records.scan_records(recs, 1000) == (len(STAMP_MSGS), len(recs))
 
 
 @pytest.mark.parametrize("kernel", ["zlib", "pclmulqdq"])
 def test_record_crcs_with_either_crc_kernel(twins, kernel):
-    # The compiled records module hashes with PCLMULQDQ where the CPU has
-    # it (the payload by folding, the 16 bytes of offset and time by one
-    # reduction) and with zlib elsewhere: run both on this CPU.
+    # The compiled records and wire1 modules hash with PCLMULQDQ where the
+    # CPU has it (the payload by folding, the 16 bytes of offset and time
+    # by one reduction) and with zlib elsewhere: run both on this CPU.
     c, py = twins
     try:
-        if c.records._use_crc32_kernel("zlib" if kernel == "zlib" else None) != kernel:
-            pytest.skip("this CPU has no PCLMULQDQ (the compiled codec uses zlib)")
+        for mod in (c.records, c.wire1):
+            if mod._use_crc32_kernel("zlib" if kernel == "zlib" else None) != kernel:
+                pytest.skip("this CPU has no PCLMULQDQ (the compiled codec uses zlib)")
         for base, ts in ((0, 0), (77, 88), ((1 << 63) + 5, (1 << 64) - 1)):
             for msgs in (STAMP_MSGS, STAMP_MSGS[::-1]):
                 want = py.records.encode_records(msgs, base, ts)
                 assert c.records.encode_records(msgs, base, ts) == want
-                recs = c.wire1.publish_records(raw_pub_payload(b"t", msgs))[1]
-                assert c.records.stamp_records(recs, base, ts) == (len(msgs), 24 + len(msgs[-1]))
-                assert bytes(recs) == want
+                got = c.wire1.publish_records(raw_pub_payload(b"t", msgs), base, ts)
+                assert got == (b"t", want, len(msgs), -1, 24 + len(msgs[-1]))
                 assert c.records.scan_records(want, base) == (len(msgs), len(want))
                 assert c.records.decode_records(want, 0, 1 << 64, 0) == \
                     py.records.decode_records(want, 0, 1 << 64, 0)
@@ -514,6 +507,7 @@ def test_record_crcs_with_either_crc_kernel(twins, kernel):
                     assert c.records.scan_records(bytes(bad), base)[0] < len(msgs)
     finally:
         c.records._use_crc32_kernel(None)
+        c.wire1._use_crc32_kernel(None)
 
 
 def raw_records_same_time(msgs, base, ts):
@@ -526,17 +520,16 @@ def raw_records_same_time(msgs, base, ts):
 
 def test_publish_records_accepts_buffers_and_empty(w):
     payload = raw_pub_payload(b"t", MSGS)
-    ref = w.wire1.publish_records(payload)
-    assert w.wire1.publish_records(bytearray(payload)) == ref
-    assert w.wire1.publish_records(memoryview(payload)) == ref
-    assert w.wire1.publish_records(b"\0\0" + u32(0)) == (b"", bytearray(), 0, -1)
-    assert w.records.stamp_records(bytearray(), 5, 6) == (0, 0)
+    ref = w.wire1.publish_records(payload, 5, 6)
+    assert w.wire1.publish_records(bytearray(payload), 5, 6) == ref
+    assert w.wire1.publish_records(memoryview(payload), 5, 6) == ref
+    assert w.wire1.publish_records(b"\0\0" + u32(0), 5, 6) == (b"", bytearray(), 0, -1, 0)
 
 
 @pytest.mark.parametrize("bad_indexes,first", [({0: 1}, 0), ({2: 0}, 2), ({4: 5, 1: 9}, 1)])
 def test_publish_records_bad_crc_refuses_the_batch(w, bad_indexes, first):
     payload = raw_pub_payload(b"t", MSGS, bad_indexes)
-    assert w.wire1.publish_records(payload) == (b"t", None, len(MSGS), first)
+    assert w.wire1.publish_records(payload, 0, 0) == (b"t", None, len(MSGS), first, 0)
 
 
 def test_publish_records_same_errors_as_parse_publish(w):
@@ -557,29 +550,19 @@ def test_publish_records_same_errors_as_parse_publish(w):
         with pytest.raises(w.wire1.ProtocolError) as a:
             w.wire1.parse_publish(sample)
         with pytest.raises(w.wire1.ProtocolError) as b:
-            w.wire1.publish_records(sample)
+            w.wire1.publish_records(sample, 0, 0)
         assert str(a.value) == str(b.value)
 
 
-def test_stamp_records_refuses_what_does_not_tile(w):
-    recs = w.wire1.publish_records(raw_pub_payload(b"t", [b"abc", b"defg"]))[1]
-    for cut in range(1, len(recs)):
-        if cut == 27:  # a whole first record
-            assert w.records.stamp_records(bytearray(recs[:cut]), 0, 0) == (1, 27)
-            continue
-        # under a header's 24 bytes left: truncated; else the length is wrong
-        at = 0 if cut < 27 else 27
-        why = "truncated record" if cut - at < 24 else "bad record length"
-        with pytest.raises(ValueError, match="^stamp_records: %s at byte %d$" % (why, at)):
-            w.records.stamp_records(bytearray(recs[:cut]), 0, 0)
-    bad = bytearray(recs)
-    bad[0:4] = u32(19)  # below the minimum length
-    with pytest.raises(ValueError, match="bad record length at byte 0"):
-        w.records.stamp_records(bad, 0, 0)
-    with pytest.raises(ValueError):
-        w.records.stamp_records(bytearray(recs), -1, 0)
-    with pytest.raises(TypeError):
-        w.records.stamp_records(bytes(recs), 0, 0)  # must be writable
+def test_publish_records_offsets_and_time_in_range(w):
+    payload = raw_pub_payload(b"t", [b"a", b"b", b"c"])
+    top = 1 << 64
+    recs = w.wire1.publish_records(payload, top - 3, top - 1)[1]  # offsets up to 2**64 - 1
+    assert bytes(recs) == w.records.encode_records([b"a", b"b", b"c"], top - 3, top - 1)
+    assert w.wire1.publish_records(b"\0\x01t" + u32(0), top - 1, 0)[2] == 0
+    for base, ts in ((top - 2, 0), (-1, 0), (0, -1), (0, top), (top, 0)):
+        with pytest.raises(ValueError, match="offset or time out of range"):
+            w.wire1.publish_records(payload, base, ts)
 
 
 # -- MSG ---------------------------------------------------------------------------
@@ -846,29 +829,27 @@ def test_differential_encode_publish(twins, rid, topic, msgs):
 
 
 @HYP
-@given(payload=st.one_of(pub_payloads(), st.binary(max_size=60)))
-def test_differential_publish_records(twins, payload):
-    r = both(twins, "publish_records", payload)
+@given(payload=st.one_of(pub_payloads(), st.binary(max_size=60)),
+       base=st.integers(0, (1 << 64) - 1), ts=st.integers(0, (1 << 64) - 1))
+def test_differential_publish_records(twins, payload, base, ts):
+    r = both(twins, "publish_records", payload, base, ts)
     if r[0] == "ok" and r[1][1] is not None:
-        # Stamped, both twins' records are what encode_records makes.
-        c, py = twins
+        # Both twins' records are what encode_records makes.
+        py = twins[1]
         msgs = py.wire1.parse_publish(payload)[1]
-        for recs, records in ((bytearray(r[1][1]), c.records), (bytearray(r[1][1]), py.records)):
-            records.stamp_records(recs, 12345, 67890)
-            assert bytes(recs) == py.records.encode_records(msgs, 12345, 67890)
+        assert bytes(r[1][1]) == py.records.encode_records(msgs, base, ts)
 
 
 @HYP
 @given(msgs=st.lists(st.binary(max_size=300) | st.binary(min_size=2000, max_size=2600),
                      max_size=8),
        base=st.integers(0, 1 << 62), ts=st.integers(0, 1 << 62))
-def test_differential_stamp_records_large_payloads(twins, msgs, base, ts):
+def test_differential_publish_records_large_payloads(twins, msgs, base, ts):
     c, py = twins
     payload = raw_pub_payload(b"t", msgs)
-    a = c.wire1.publish_records(payload)[1]
-    b = py.wire1.publish_records(payload)[1]
-    assert c.records.stamp_records(a, base, ts) == py.records.stamp_records(b, base, ts)
-    assert a == b == c.records.encode_records(msgs, base, ts)
+    a = c.wire1.publish_records(payload, base, ts)
+    assert a == py.wire1.publish_records(payload, base, ts)
+    assert a[1] == c.records.encode_records(msgs, base, ts)
 
 
 @st.composite

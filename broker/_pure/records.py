@@ -28,7 +28,7 @@ import struct
 import zlib
 
 __all__ = [
-    "HEADER_SIZE", "CorruptRecordError", "encode_records", "stamp_records", "scan_records",
+    "HEADER_SIZE", "CorruptRecordError", "encode_records", "scan_records",
     "index_entries", "decode_records", "records_to_deliveries",
 ]
 
@@ -38,8 +38,6 @@ _MIN_LENGTH = 20        # crc + offset + time
 _HDR = struct.Struct(">IIQQ")
 _LEN = struct.Struct(">I")
 _OFF_TIME = struct.Struct(">QQ")
-_LEN_CRC = struct.Struct(">II")
-_CRC_OFF_TIME = struct.Struct(">IQQ")
 _OFF = struct.Struct(">Q")
 _INDEX_ENTRY = struct.Struct(">II")
 _unpack_hdr = _HDR.unpack_from
@@ -67,44 +65,6 @@ def encode_records(messages, base_offset: int, timestamp_ms: int) -> bytes:
         append(msg)
         off += 1
     return b"".join(parts)
-
-
-def stamp_records(buf, base_offset: int, timestamp_ms: int):
-    """Finish records built by ``wire1.publish_records``, in place: ``(count, last_len)``.
-
-    ``buf`` (writable) holds records whose CRC field is the CRC-32 of the
-    record's payload alone. Each gets offset ``base_offset + i``, time
-    ``timestamp_ms`` and its record CRC: the payload's CRC continued over
-    the 16 bytes of offset and time, so the payload is not read again. The
-    result is byte for byte what :func:`encode_records` makes of the same
-    messages when each payload CRC is right; a wrong one gives a wrong
-    record CRC, which every reader refuses. So only buffers
-    publish_records made and checked belong here, and each is stamped once
-    (stamping consumes the payload CRC). ``last_len`` is the size of the
-    last record, header included.
-    Raises ValueError if the records do not tile ``buf`` exactly.
-    """
-    if base_offset < 0 or timestamp_ms < 0:
-        raise ValueError("offset and time must be >= 0")
-    end = len(buf)
-    pos = 0
-    off = base_offset
-    unpack_head, pack_tail, pack_rest, crc32 = (
-        _LEN_CRC.unpack_from, _OFF_TIME.pack, _CRC_OFF_TIME.pack_into, zlib.crc32)
-    while pos < end:
-        try:
-            length, crc = unpack_head(buf, pos)
-        except struct.error:  # under 8 bytes left
-            length = -4
-        nxt = pos + 4 + length
-        if length < _MIN_LENGTH or nxt > end:
-            if end - pos < HEADER_SIZE:
-                raise ValueError("stamp_records: truncated record at byte %d" % pos)
-            raise ValueError("stamp_records: bad record length at byte %d" % pos)
-        pack_rest(buf, pos + 4, crc32(pack_tail(off, timestamp_ms), crc), off, timestamp_ms)
-        pos = nxt
-        off += 1
-    return off - base_offset, (4 + length if off > base_offset else 0)
 
 
 def _check_start(start: int) -> None:

@@ -50,7 +50,8 @@ _U16 = struct.Struct(">H")
 _HEAD = struct.Struct(">I3sI")
 _PUB_ITEM = struct.Struct(">II")
 _REC_HDR = struct.Struct(">IIQQ")  # a whole record header
-_REC_HEAD_ZEROS = struct.Struct(">II16x")  # length and CRC, offset and time zero
+_OFF_TIME = struct.Struct(">QQ")  # a record's offset and time, which its CRC covers last
+_U64_MAX = (1 << 64) - 1
 _unpack_u32 = _U32.unpack_from
 _unpack_u16 = _U16.unpack_from
 
@@ -199,29 +200,38 @@ def parse_publish(payload):
     return topic, messages, bad
 
 
-def publish_records(payload):
-    """Turn a ``PUB`` payload straight into log records: ``(topic, records, count, bad_index)``.
+def publish_records(payload, base_offset: int, timestamp_ms: int):
+    """A ``PUB`` payload as finished log records: ``(topic, records, count, bad, last_len)``.
 
     The broker's publish path: where :func:`parse_publish` builds one bytes
     object per message, this builds one ``bytearray`` holding ``count``
-    records in the segment format (``broker/_pure/records.py``), offsets
-    and times still zero and each CRC field holding the message's own
-    CRC-32 as the client sent it and this function checked it.
-    ``records.stamp_records`` gives them their offsets and times and turns
-    that CRC into the record's CRC on the disk thread.
+    finished records in the segment format (``broker/_pure/records.py``):
+    offsets ``base_offset`` onwards, time ``timestamp_ms``, and each
+    record's CRC made from the message's CRC-32 as the client sent it and
+    this function checked it, continued over offset and time, so each
+    message is hashed once. The caller gives the offsets the topic will
+    assign (the loop keeps a topic's next offset); ``last_len`` is the size
+    of the last record, header included (0 when there are none).
 
-    ``bad_index`` is the first message whose CRC does not match (then
+    ``bad`` is the index of the first message whose CRC does not match (then
     ``records`` is None: the batch is refused whole), else -1. A payload
     that does not parse raises :class:`ProtocolError`, as
-    :func:`parse_publish` does.
+    :func:`parse_publish` does; offsets past ``2**64 - 1`` or a negative
+    offset or time raise ValueError.
     """
     topic, count, pos = _pub_head(payload)
+    if not (0 <= base_offset <= _U64_MAX and 0 <= timestamp_ms <= _U64_MAX) \
+            or base_offset + count > _U64_MAX + 1:
+        raise ValueError("publish_records: offset or time out of range")
     # The fewest Python steps per message for a well-formed batch whose
     # every CRC matches; one copy (the join).
     view = memoryview(payload)
-    unpack_item, pack_head, crc32 = _PUB_ITEM.unpack_from, _REC_HEAD_ZEROS.pack, zlib.crc32
+    unpack_item, pack_head, pack_tail, crc32 = (
+        _PUB_ITEM.unpack_from, _REC_HDR.pack, _OFF_TIME.pack, zlib.crc32)
     parts: list = []
     append = parts.append
+    off = base_offset
+    n = -HEADER_SIZE
     try:
         for _ in range(count):
             n, crc = unpack_item(view, pos)
@@ -230,11 +240,13 @@ def publish_records(payload):
             msg = view[start:pos]
             if crc32(msg) != crc:
                 break
-            append(pack_head(n + HEADER_SIZE - 4, crc))
+            append(pack_head(n + HEADER_SIZE - 4, crc32(pack_tail(off, timestamp_ms), crc),
+                             off, timestamp_ms))
             append(msg)
+            off += 1
         else:
             if pos == len(payload):
-                return topic, bytearray().join(parts), count, -1
+                return topic, bytearray().join(parts), count, -1, n + HEADER_SIZE
     except struct.error:  # a header past the end
         pass
     # A bad CRC, or a message past the end, or trailing bytes: parse_publish
@@ -243,7 +255,7 @@ def publish_records(payload):
     _topic, _messages, bad = parse_publish(payload)
     if bad < 0:
         raise RuntimeError("publish_records: a valid batch was refused")  # cannot happen
-    return topic, None, count, bad
+    return topic, None, count, bad, 0
 
 
 def message_frame(buf, rid: int, topic, from_offset: int, end_offset: int, max_bytes: int,

@@ -50,3 +50,21 @@ cdef inline unsigned long crc32_update(unsigned long crc, const unsigned char* p
             crc = crc32(crc, p, n)
         return crc
     return crc32(crc, p, n)
+
+
+cdef inline str use_crc32_kernel(object name):
+    """Tests only: this module hashes with ``"zlib"``, or probes again (``None``).
+
+    Each extension module has its own copy of the probe's result (the
+    header's statics); this sets the calling module's, so that tests can
+    run the zlib path of every CRC on a CPU with PCLMULQDQ. Returns the
+    kernel now in use.
+    """
+    global crc32_clmul_flag
+    if name == "zlib":
+        crc32_clmul_flag = 0
+    elif name is None:
+        crc32_clmul_flag = -1
+    else:
+        raise ValueError("kernel must be 'zlib' or None")
+    return "pclmulqdq" if crc32_accelerated() else "zlib"

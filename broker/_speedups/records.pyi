@@ -6,7 +6,7 @@ from typing import Final
 from typing_extensions import Buffer
 
 __all__ = [
-    "HEADER_SIZE", "CorruptRecordError", "encode_records", "stamp_records", "scan_records",
+    "HEADER_SIZE", "CorruptRecordError", "encode_records", "scan_records",
     "index_entries", "decode_records", "records_to_deliveries",
 ]
 
@@ -21,8 +21,6 @@ class CorruptRecordError(ValueError):
 
 def encode_records(messages: Iterable[Buffer], base_offset: int,
                    timestamp_ms: int) -> bytes: ...
-def stamp_records(buf: bytearray, base_offset: int,
-                  timestamp_ms: int) -> tuple[int, int]: ...
 def scan_records(buf: Buffer, expected_offset: int,
                  start: int = 0) -> tuple[int, int]: ...
 def index_entries(buf: Buffer, base_position: int, next_index_position: int,

@@ -23,12 +23,12 @@ from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport UINT32_MAX, UINT64_MAX, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from ._crc32 cimport CRC_NOGIL_BATCH, crc32_accelerated, crc32_clmul_flag, crc32_update
+from ._crc32 cimport CRC_NOGIL_BATCH, crc32_update, use_crc32_kernel
 
 import struct
 
 __all__ = [
-    "HEADER_SIZE", "CorruptRecordError", "encode_records", "stamp_records", "scan_records",
+    "HEADER_SIZE", "CorruptRecordError", "encode_records", "scan_records",
     "index_entries", "decode_records", "records_to_deliveries",
 ]
 
@@ -178,82 +178,10 @@ cdef Py_ssize_t _put_record(unsigned char* p, Py_ssize_t pos, Py_ssize_t total,
     return pos + RECORD_HEADER_SIZE + mlen
 
 
-cdef Py_ssize_t _stamp(unsigned char* p, Py_ssize_t end, uint64_t base, uint64_t ts,
-                       Py_ssize_t* last) noexcept nogil:
-    # Returns the number of records stamped, or -1 - position of a bad one.
-    cdef Py_ssize_t pos = 0, count = 0
-    cdef uint32_t length
-    cdef unsigned char* rec
-    while pos < end:
-        if end - pos < RECORD_HEADER_SIZE:
-            return -1 - pos
-        rec = p + pos
-        length = load_be32(rec)
-        if length < RECORD_MIN_LENGTH or <Py_ssize_t>length > end - pos - 4:
-            return -1 - pos
-        store_be64(rec + 8, base + <uint64_t>count)
-        store_be64(rec + 16, ts)
-        # the payload's CRC, which the publisher sent and publish_records
-        # checked, continued over offset and time: the payload is not read
-        store_be32(rec + 4, record_crc(rec, load_be32(rec + 4)))
-        last[0] = 4 + length
-        pos += 4 + length
-        count += 1
-    return count
-
-
 def _use_crc32_kernel(name):
-    """Tests only: make this module hash with ``"zlib"``, or probe again (``None``).
+    """Tests only: the record CRCs of this module by ``"zlib"``, or probe again (``None``)."""
+    return use_crc32_kernel(name)
 
-    Returns the kernel now in use. Each extension module has its own copy
-    of the probe's result; this sets the records module's, so that tests
-    can run the zlib path of every record CRC on a CPU with PCLMULQDQ.
-    """
-    global crc32_clmul_flag
-    if name == "zlib":
-        crc32_clmul_flag = 0
-    elif name is None:
-        crc32_clmul_flag = -1
-    else:
-        raise ValueError("kernel must be 'zlib' or None")
-    return "pclmulqdq" if crc32_accelerated() else "zlib"
-
-
-def stamp_records(buf, base_offset, timestamp_ms):
-    """Finish ``wire1.publish_records`` records in place: ``(count, last_len)``.
-
-    See the pure twin. Each record CRC continues the payload CRC in the CRC
-    field over the 16 bytes of offset and time, so the payload is not read
-    again; the GIL is released over large buffers.
-    """
-    cdef Py_buffer view
-    cdef Py_ssize_t got, last = 0
-    cdef uint64_t base, ts
-    if base_offset < 0 or timestamp_ms < 0:
-        raise ValueError("offset and time must be >= 0")
-    _u64_field(base_offset, &base)
-    _u64_field(timestamp_ms, &ts)
-    try:
-        PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
-    except BufferError:  # struct.pack_into's error in the pure twin
-        raise TypeError("argument must be read-write bytes-like object, not %s"
-                        % type(buf).__name__) from None
-    try:
-        if <uint64_t>(view.len // RECORD_HEADER_SIZE) > UINT64_MAX - base:
-            raise struct.error("argument out of range")
-        if view.len > CRC_NOGIL_BATCH:
-            with nogil:
-                got = _stamp(<unsigned char*>view.buf, view.len, base, ts, &last)
-        else:
-            got = _stamp(<unsigned char*>view.buf, view.len, base, ts, &last)
-    finally:
-        PyBuffer_Release(&view)
-    if got < 0:
-        pos = -1 - got
-        if view.len - pos < RECORD_HEADER_SIZE:
-            raise ValueError("stamp_records: truncated record at byte %d" % pos)
-        raise ValueError("stamp_records: bad record length at byte %d" % pos)
-    return got, last
 
 def scan_records(buf, expected_offset, start=0):
     """Validate records from ``start``; stop at the first invalid one.

@@ -18,15 +18,17 @@ from cpython.bytearray cimport (
 from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.ref cimport Py_INCREF
 from libc.stdint cimport uint32_t, uint64_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy
 
-from ._crc32 cimport CRC_NOGIL_BATCH, crc32, crc32_update
+from ._crc32 cimport CRC_NOGIL_BATCH, crc32, crc32_update, use_crc32_kernel
 from .records cimport (
     RECORD_HEADER_SIZE, RECORD_MIN_LENGTH, RecordHeader, crc_matches, load_be32,
-    read_header, store_be32, store_be64,
+    read_header, record_crc, store_be32, store_be64,
 )
 
 from .records import CorruptRecordError, decode_records
+
+_U64_MAX = (1 << 64) - 1
 
 __all__ = [
     "V1Reader", "ProtocolError", "KINDS", "K_ERROR", "K_CLOSE", "K_UNKNOWN",
@@ -411,9 +413,10 @@ def parse_publish(payload):
 
 
 cdef Py_ssize_t _copy_records(const unsigned char* p, Py_ssize_t pos, uint32_t count,
-                              unsigned char* o) noexcept nogil:
-    # PUB items at p + pos (layout already checked) -> records at o.
-    # Returns the index of the first message whose CRC is wrong, or -1.
+                              unsigned char* o, uint64_t base, uint64_t ts) noexcept nogil:
+    # PUB items at p + pos (layout already checked) -> finished records at
+    # o, offsets base onwards. Returns the index of the first message whose
+    # CRC is wrong, or -1.
     cdef uint32_t i, n, crc
     for i in range(count):
         n = load_be32(p + pos)
@@ -422,20 +425,23 @@ cdef Py_ssize_t _copy_records(const unsigned char* p, Py_ssize_t pos, uint32_t c
         if <uint32_t>crc32(0, p + pos, n) != crc:
             return i
         store_be32(o, <uint32_t>(RECORD_MIN_LENGTH + n))
-        store_be32(o + 4, crc)
-        memset(o + 8, 0, 16)
+        store_be64(o + 8, base + i)
+        store_be64(o + 16, ts)
+        # the checked CRC continued over offset and time: hashed once
+        store_be32(o + 4, record_crc(o, crc))
         memcpy(o + RECORD_HEADER_SIZE, p + pos, n)
         o += RECORD_HEADER_SIZE + n
         pos += n
     return -1
 
 
-def publish_records(payload):
-    """Turn a ``PUB`` payload straight into log records (see the pure twin)."""
+def publish_records(payload, base_offset, timestamp_ms):
+    """Turn a ``PUB`` payload straight into finished log records (see the pure twin)."""
     cdef Py_buffer view
     cdef const unsigned char* p
-    cdef Py_ssize_t end, pos, first, n, bad
+    cdef Py_ssize_t end, pos, first, n = 0, bad
     cdef uint32_t count, i
+    cdef uint64_t base, ts
     cdef bytes topic
     cdef bytearray out
     cdef unsigned char* o
@@ -444,6 +450,11 @@ def publish_records(payload):
         p = <const unsigned char*>view.buf
         end = view.len
         topic = _pub_head(p, end, &pos, &count)
+        if not (0 <= base_offset <= _U64_MAX and 0 <= timestamp_ms <= _U64_MAX) \
+                or base_offset + count > _U64_MAX + 1:
+            raise ValueError("publish_records: offset or time out of range")
+        base = <uint64_t>base_offset
+        ts = <uint64_t>timestamp_ms
         first = pos
         for i in range(count):  # the layout first: the same errors as parse_publish
             if end - pos < 8:
@@ -457,19 +468,25 @@ def publish_records(payload):
             raise ProtocolError("PUB: %d trailing bytes" % (end - pos))
         out = PyByteArray_FromStringAndSize(NULL, (end - first)
                                             + (RECORD_HEADER_SIZE - 8) * <Py_ssize_t>count)
-        # One pass: check each message's CRC and copy it behind its record
-        # header. The output is private and the payload held: no GIL needed.
+        # One pass: check each message's CRC and copy it behind its finished
+        # record header. The output is private and the payload held: no GIL
+        # needed.
         o = <unsigned char*>PyByteArray_AS_STRING(out)
         if end - first > CRC_NOGIL_BATCH:
             with nogil:
-                bad = _copy_records(p, first, count, o)
+                bad = _copy_records(p, first, count, o, base, ts)
         else:
-            bad = _copy_records(p, first, count, o)
+            bad = _copy_records(p, first, count, o, base, ts)
         if bad >= 0:
-            return topic, None, count, bad
-        return topic, out, count, -1
+            return topic, None, count, bad, 0
+        return topic, out, count, -1, (n + RECORD_HEADER_SIZE if count else 0)
     finally:
         PyBuffer_Release(&view)
+
+def _use_crc32_kernel(name):
+    """Tests only: the CRCs of this module by ``"zlib"``, or probe again (``None``)."""
+    return use_crc32_kernel(name)
+
 
 def message_frame(buf, rid, topic, from_offset, end_offset, max_bytes, verify=True):
     """A ``MSG`` frame of stored records, forwarded without re-encoding."""

@@ -171,15 +171,20 @@ class Broker:
             self._topics[name] = topic
         return topic
 
+    def known_topic(self, name: bytes) -> TopicLog | None:
+        """The log for a wire topic name already in use, else None (nothing created)."""
+        return self._topics.get(name)
+
     def publish(self, topic: TopicLog, messages, nbytes: int, transport,
-                on_stored=None, count: int | None = None) -> None:
+                on_stored=None, count: int | None = None, ts: int | None = None,
+                last_len: int = 0) -> None:
         """Queue a batch for ``topic``: messages, or ``count`` records; see :meth:`DiskWriter.append`."""
         if count is None:
             count = len(messages)
         topic.next_offset += count
         self.counters["messages_in"] += count
         self.topic_in[topic.name] += count
-        self.writer.append(topic, messages, nbytes, transport, on_stored, count)
+        self.writer.append(topic, messages, nbytes, transport, on_stored, count, ts, last_len)
 
     def commit_offset(self, client_id: bytes, topic: str, offset: int) -> None:
         offsets = self.store.offsets

@@ -223,17 +223,31 @@ class V1Handlers:
         self._v1_reply(rid)
 
     def _v1_pub(self, rid: int, payload: bytes, nbytes: int) -> None:
-        # Straight to log records: one pass checks each CRC and copies the
-        # message once; the disk thread stamps offsets and times.
-        name, batch, count, bad = wire1.publish_records(payload)
+        # A topic that exists and may be published to (nearly every PUB):
+        # straight to finished log records, in one pass that checks each
+        # CRC, copies the message once and gives it its offset, time and
+        # record CRC; the loop hands out a topic's offsets in order, and
+        # the disk thread writes the records as they are. Any other PUB is
+        # parsed first, so that a bad CRC is reported before anything about
+        # the topic and no topic is made for a refused batch.
+        name, _pos = wire1.read_str(payload, 0)
+        topic = self.broker.known_topic(name)
+        fast = topic is not None and self.user.may_publish(topic.name)
+        if fast:
+            base, ts = self.broker.writer.next_stamp(topic)
+            _name, batch, count, bad, last_len = wire1.publish_records(payload, base, ts)
+        else:
+            _name, batch, bad = wire1.parse_publish(payload)
+            count, ts, last_len = len(batch), None, 0
         if bad >= 0:
             self.broker.counters["bad_crc"] += 1
             self._v1_error(rid, ErrorCode.BAD_CRC,
                            "CRC mismatch in message %d; batch of %d not stored" % (bad, count))
             return
-        topic = self._v1_topic(rid, name, self.user.may_publish)
-        if topic is None:
-            return
+        if not fast:
+            topic = self._v1_topic(rid, name, self.user.may_publish)
+            if topic is None:
+                return
         # ACKs (and STORAGE_ERRORs) leave in PUB order (protocol.md), although
         # the disk thread reports batches per topic and an empty batch needs
         # no disk at all: each PUB takes a slot in a per-connection queue,
@@ -259,7 +273,8 @@ class V1Handlers:
                 slot[0] = wire1.encode(b"ERR", rid, _ERR.pack(ErrorCode.STORAGE_ERROR) + text)
             conn._v1_flush_acks()
 
-        self.broker.publish(topic, batch, nbytes or len(payload), self, on_stored, count)
+        self.broker.publish(topic, batch, nbytes or len(payload), self, on_stored, count,
+                            ts, last_len)
 
     def _v1_flush_acks(self) -> None:
         queue = self._v1_acks

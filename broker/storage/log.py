@@ -67,7 +67,7 @@ class TopicLog:
         "name", "name_bytes", "directory", "segments", "_bases", "_sealed_bytes",
         "end_offset", "next_offset", "subscribers", "active", "interval",
         "config", "overrides", "stats", "rcache", "wcache",
-        "materialized", "last_time", "durable", "tail", "tail_cache",
+        "materialized", "last_time", "next_time", "durable", "tail", "tail_cache",
     )
 
     def __init__(self, name: str, directory: str, segments: list[Segment], config: TopicConfig,
@@ -91,6 +91,7 @@ class TopicLog:
         self.wcache = wcache                       # write FileCache
         self.materialized = materialized           # directory and first segment exist
         self.last_time = self.active.last_time     # newest append time, ms (disk thread)
+        self.next_time = self.last_time            # least time the next publish gets, ms (loop)
         self.durable: CheckpointEntry | None = None  # state at the last fsync (disk thread)
         self.tail: collections.deque = collections.deque()  # newest batches (TailCache; loop)
         self.tail_cache = None        # the TailCache keeping them (set by the LogStore)

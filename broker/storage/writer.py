@@ -8,8 +8,9 @@ call go to it as one job. While it writes that job, the next one
 accumulates: this is group commit, and the busier the broker the larger the
 batches.
 
-The disk thread encodes each topic's batch into records (one codec call),
-writes it (one ``pwrite``, two when a batch straddles a segment roll) and
+The disk thread takes each topic's batch as records (a v1 ``PUB``'s are
+finished on the loop by ``wire1.publish_records``; a v0 list is encoded
+here, one codec call), writes it (one ``pwrite``, two when a batch straddles a segment roll) and
 applies the topic's fsync policy; the GIL is released during write and
 fsync. Then the loop makes the data visible (``TopicLog.written``), calls
 the ``on_stored`` callbacks and wakes the consumers. Nothing is readable,
@@ -45,9 +46,12 @@ Bounds: two jobs with the disk thread at most (the queue has ``maxsize=3``:
 two jobs and the syncer's wake-up).
 The loop submits a job when none is in flight; only under load (1 MiB or
 more waiting) does it queue a second one behind it, so that the disk
-thread moves straight on to it. The disk thread gives each batch its
-offsets from the topic's end as it has written it, so a batch that fails
-leaves no gap before the ones queued after it. Published bytes waiting
+thread moves straight on to it. The loop gives each batch its offsets
+(``TopicLog.next_offset``) and append time as it arrives; the disk thread
+writes from the topic's end as it has written it, so a batch that fails
+leaves no gap before the ones queued after it (records made with offsets
+past the failed ones are re-encoded at their place, and ``_done`` gives the
+failed offsets back to the loop). Published bytes waiting
 for the disk are counted; above ``append_high_water`` the producers that
 keep publishing are paused (``pause_reading``) until the backlog falls
 below ``append_low_water``. Disk calls (:meth:`DiskWriter.run`) are capped.
@@ -60,6 +64,7 @@ import collections
 import logging
 import os
 import queue
+import struct
 import threading
 import time
 from typing import Callable
@@ -76,6 +81,7 @@ __all__ = ["DiskWriter"]
 
 log = logging.getLogger(__name__)
 
+_U64 = struct.Struct(">Q")  # a record's offset field, at byte 8
 _STOP = object()
 _WAKE = object()           # the syncer finished a round: take its results in
 _RECORD_OVERHEAD = 24     # record header bytes per message (broker/_pure/records.py)
@@ -94,7 +100,7 @@ class _Job:
 
     def __init__(self, appends, acks, offsets, deletes, calls, checkpoint: bool,
                  nbytes: int = 0) -> None:
-        self.appends = appends      # [(TopicLog, [(messages or records, count)], count)]
+        self.appends = appends      # [(TopicLog, [(messages or records, count, ts, last_len)], count)]
         self.acks = acks            # [(callback, TopicLog, index in the topic's batch, count)]
         self.offsets = offsets      # {(client_id, topic): offset} to persist
         self.deletes = deletes      # [(directory, [Segment])] dropped by retention
@@ -188,13 +194,33 @@ class DiskWriter:
     def pending_bytes(self) -> int:
         return self._pending_bytes
 
+    def next_stamp(self, topic: TopicLog) -> tuple[int, int]:
+        """``(offset, time)`` for the next batch published to ``topic`` (loop).
+
+        The offset is the topic's next one as the loop hands them out
+        (``TopicLog.next_offset``); the time is now, in ms, never before
+        the topic's previous batch, so that time lookups can binary-search
+        (the wall clock may step back). ``wire1.publish_records`` makes
+        finished records with them, which :meth:`append` takes as they are.
+        """
+        now_ms = int(self._clock() * 1000)
+        if now_ms > topic.next_time:
+            topic.next_time = now_ms
+        return topic.next_offset, topic.next_time
+
     def append(self, topic: TopicLog, messages, nbytes: int, transport=None,
-               on_stored: Callable | None = None, count: int | None = None) -> None:
+               on_stored: Callable | None = None, count: int | None = None,
+               ts: int | None = None, last_len: int = 0) -> None:
         """Queue ``messages`` for ``topic``: a list of bytes, or records.
 
-        Records are a ``bytearray`` made by ``wire1.publish_records``
-        (``count`` of them), which the disk thread finishes in place with
-        ``records.stamp_records``: no message is copied or hashed again.
+        Records are a ``bytearray`` of ``count`` finished records made by
+        ``wire1.publish_records`` with the offset and time ``ts`` that
+        :meth:`next_stamp` gave, ``last_len`` the size of the last one: the
+        disk thread writes them as they are, so no message is copied or
+        hashed again. (Should a batch queued before them fail, their
+        offsets move down to close the gap: the disk thread re-encodes
+        them.) A list of messages is encoded on the disk thread, with the
+        time this call gives it when ``ts`` is None.
 
         ``nbytes`` is their size as the caller measured it (per batch, not
         per message). If the backlog is over the high-water mark and a
@@ -204,7 +230,9 @@ class DiskWriter:
         ``always``), with the offset of its first message, or with
         ``base_offset=None`` and the OSError if it could not be stored.
         """
-        entry = (messages, len(messages) if count is None else count, on_stored)
+        if ts is None:
+            ts = self.next_stamp(topic)[1]
+        entry = (messages, len(messages) if count is None else count, on_stored, ts, last_len)
         lists = self._pending.get(topic)
         if lists is None:
             self._pending[topic] = [entry]
@@ -350,16 +378,17 @@ class DiskWriter:
         appends = []
         acks = []
         for topic, entries in self._pending.items():
-            # Offsets are given on the disk thread (the topic's end there);
-            # acknowledgements are relative to the topic's first one in the job.
+            # The disk thread writes from the topic's end there (records
+            # re-encoded if a failed batch moved it); acknowledgements are
+            # relative to the topic's first offset in the job.
             start = 0
             parts = []
-            for part, count, cb in entries:
+            for part, count, cb, ts, last_len in entries:
                 if cb is not None:
                     acks.append((cb, topic, start, count))
                 start += count
                 if count:
-                    parts.append((part, count))
+                    parts.append((part, count, ts, last_len))
             appends.append((topic, parts, start))
         self._pending = {}
         nbytes = self._pending_bytes - self._flight_bytes
@@ -568,7 +597,6 @@ class DiskWriter:
             self._sync_queue.put((items, checkpoint))
 
     def _write(self, job: _Job) -> None:
-        now_ms = int(self._clock() * 1000)
         stats = self.stats
         # fsync=always topics: fsynced before the job is reported. Kept on
         # the job until each is reported, so that if something unexpected
@@ -580,11 +608,8 @@ class DiskWriter:
             # The topic's end as the disk thread knows it: what an earlier
             # job wrote (a failed one wrote nothing, so no gap can open).
             base = topic.active.end_offset
-            # Append times never go backwards within a topic, so time
-            # lookups can binary-search (the wall clock may step back).
-            ts = topic.last_time if topic.last_time > now_ms else now_ms
             try:
-                buf, last_len = _records(parts, base, ts)
+                buf, last_len, ts = _records(parts, base)
                 result = topic.append(buf, count, ts, last_len)
             except Exception as exc:  # OSError above all; anything else is refused too
                 if not isinstance(exc, OSError):
@@ -820,24 +845,39 @@ def _noop() -> None:
     return None
 
 
-def _records(parts: list, base: int, ts: int):
-    """Disk thread: one topic's parts of a job as log records, ``(buf, last_len)``.
+def _records(parts: list, base: int):
+    """Disk thread: one topic's parts of a job as log records, ``(buf, last_len, ts)``.
 
-    A part is a list of messages (v0 publishes), encoded here, or records
-    from ``wire1.publish_records`` (v1), finished in place. One codec call
-    per part; several parts are joined for a single write.
+    A part is a list of messages (v0 publishes, and v1 ones that were
+    parsed first), encoded here, or finished records from
+    ``wire1.publish_records``, written as they are when they start at
+    ``base`` onwards as expected. They start later only when a batch queued
+    before them failed (``_done`` then takes its offsets back): they are
+    re-encoded at their place, so no gap opens. Several parts are joined
+    for a single write; ``ts`` is the last part's time, the newest.
     """
     bufs = []
     off = base
+    ts = 0
     last_len = 0
-    for part, count in parts:
-        if type(part) is bytearray:
-            got, last_len = records.stamp_records(part, off, ts)
-            if got != count:
-                raise RuntimeError("records batch holds %d records, not %d" % (got, count))
-            bufs.append(part)
-        else:
-            bufs.append(records.encode_records(part, off, ts))
+    for part, count, ts, last_len in parts:
+        if type(part) is not bytearray:
             last_len = _RECORD_OVERHEAD + len(part[-1])
+            part = records.encode_records(part, off, ts)
+        elif _U64.unpack_from(part, 8)[0] != off:
+            part, last_len = _reoffset(part, count, off, ts)
+        bufs.append(part)
         off += count
-    return (bufs[0] if len(bufs) == 1 else b"".join(bufs)), last_len
+    return (bufs[0] if len(bufs) == 1 else b"".join(bufs)), last_len, ts
+
+
+def _reoffset(buf: bytearray, count: int, base: int, ts: int):
+    """``count`` records re-encoded from offset ``base``: ``(records, last_len)``."""
+    first = _U64.unpack_from(buf, 8)[0]
+    decoded, _end = records.decode_records(buf, first, first + count)
+    if len(decoded) != count:
+        raise RuntimeError("records batch holds %d records, not %d" % (len(decoded), count))
+    log.warning("records moved from offset %d to %d: a batch before them was not stored",
+                first, base)
+    return records.encode_records([m for _o, _t, m in decoded], base, ts), \
+        _RECORD_OVERHEAD + len(decoded[-1][2])
