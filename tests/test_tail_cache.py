@@ -128,7 +128,7 @@ def test_forwarded_records_are_what_message_frame_takes(records_impl, tmp_path):
 
     def forward(recs, count):
         forwarded.append(count)
-        return batch_frame(5, head, recs, count)
+        return b"".join(batch_frame(5, head, recs, count))
 
     def unused(*args):
         raise AssertionError("a cached batch was walked")

@@ -230,10 +230,9 @@ def publish_records(payload, base_offset: int, timestamp_ms: int):
         _PUB_ITEM.unpack_from, _REC_HDR.pack, _OFF_TIME.pack, zlib.crc32)
     parts: list = []
     append = parts.append
-    off = base_offset
     n = -HEADER_SIZE
     try:
-        for _ in range(count):
+        for off in range(base_offset, base_offset + count):
             n, crc = unpack_item(view, pos)
             start = pos + 8
             pos = start + n
@@ -243,7 +242,6 @@ def publish_records(payload, base_offset: int, timestamp_ms: int):
             append(pack_head(n + HEADER_SIZE - 4, crc32(pack_tail(off, timestamp_ms), crc),
                              off, timestamp_ms))
             append(msg)
-            off += 1
         else:
             if pos == len(payload):
                 return topic, bytearray().join(parts), count, -1, n + HEADER_SIZE

@@ -462,7 +462,10 @@ class Connection(V1Handlers, asyncio.Protocol):
                         sub.offset = sub.topic.start_offset
                     break
                 out, count, nxt = got
-                transport.write(out)
+                if type(out) is tuple:  # a tail-cache batch behind its head (v1.batch_frame)
+                    transport.writelines(out)
+                else:
+                    transport.write(out)
                 sub.offset = nxt
                 if sub.auto_commit:
                     # v0 can't acknowledge: its offset follows what was

@@ -30,16 +30,18 @@ _U64 = struct.Struct(">Q")
 _MSG_HEAD = struct.Struct(">I3sI")  # frame length, type, request id
 
 
-def batch_frame(rid: int, name_head: bytes, buf, count: int) -> bytes:
-    """The ``MSG`` frame of ``buf``: ``count`` valid records, taken as they are.
+def batch_frame(rid: int, name_head: bytes, buf, count: int) -> tuple:
+    """The ``MSG`` frame of ``buf`` as ``(head, buf)``: ``count`` valid records, as they are.
 
-    ``name_head`` is the topic as ``wire1.pack_str`` packs it. The same
-    bytes ``wire1.message_frame`` makes of ``buf`` when it takes every
+    ``name_head`` is the topic as ``wire1.pack_str`` packs it. Joined, the
+    same bytes ``wire1.message_frame`` makes of ``buf`` when it takes every
     record, without walking them: for records of a tail-cache batch
-    (``TopicLog.read``).
+    (``TopicLog.read``). Not joined: the delivery pump hands both to
+    ``transport.writelines``, which sends them with one ``writev`` and
+    copies neither (a batch is never changed once written).
     """
     size = wire1.FRAME_HEADER + len(name_head) + 4 + len(buf)
-    return b"".join((_MSG_HEAD.pack(size, b"MSG", rid), name_head, _U32.pack(count), buf))
+    return _MSG_HEAD.pack(size, b"MSG", rid) + name_head + _U32.pack(count), buf
 _ACK = struct.Struct(">QI")
 _ERR = struct.Struct(">H")
 _SPEC = struct.Struct(">Bq")  # from-mode, value

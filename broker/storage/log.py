@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 # verify=False for batches from the tail cache (see tailcache.py)
 Converter = Callable[[bytes, int, int, int, bool], tuple]  # buf, from, end, max_bytes, verify
 # forward(records, count) -> out: a run of valid records from a tail-cache batch, framed
-# as they are (a v1 MSG)
-Forward = Callable[[bytes, int], bytes]
+# as they are (a v1 MSG, as the parts to write: see v1.batch_frame)
+Forward = Callable[[bytes, int], object]
 
 
 class AppendResult:
