@@ -242,25 +242,156 @@ def test_records_behind_a_failed_batch_close_the_gap(records_impl, tmp_path, mon
         assert await asyncio.wait_for(results["A"], 10) == (0, 2, None)
         publish_records(writer, topic, [b"FAIL%d" % i for i in range(3)], stored("F"))
         assert await loop.run_in_executor(None, entered.wait, 10)  # F is being written
-        publish_records(writer, topic, [b"B0", b"B1"], stored("B"))  # made with offsets 5, 6
+        publish_records(writer, topic, [b"B0", b"B1-longer"], stored("B"))  # offsets 5, 6
         release.set()
         base, count, exc = await asyncio.wait_for(results["F"], 10)
         assert (base, count, exc.errno) == (None, 3, errno.EIO)
         assert await asyncio.wait_for(results["B"], 10) == (2, 2, None)
+        # Re-encoded, B's last record is where the segment says (time lookups read it).
+        assert topic.active.size - topic.active.last_pos == 24 + len(b"B1-longer")
         publish_records(writer, topic, [b"C0"], stored("C"))  # offset 4 again
         assert await asyncio.wait_for(results["C"], 10) == (4, 1, None)
+        assert (topic.next_offset, topic.unwritten) == (5, 0)
         await writer.close()
         store.close()
 
     with caplog.at_level("WARNING", logger="broker.storage.writer"):
         asyncio.run(main())
-    assert "records moved from offset 5 to 2" in caplog.text
+    assert caplog.text.count("records made with offsets") == 1  # B only
+    assert "records made with offsets from 5 are stored from 2" in caplog.text
     store = make_store(tmp_path)  # as recovery reads the files: every CRC checked
     topic = store.get("t")
     assert [(o, p) for o, _t, p in read_all(topic)] == [
-        (0, b"A0"), (1, b"A1"), (2, b"B0"), (3, b"B1"), (4, b"C0")]
+        (0, b"A0"), (1, b"A1"), (2, b"B0"), (3, b"B1-longer"), (4, b"C0")]
     assert [t for _o, t, _p in read_all(topic)] == sorted(t for _o, t, _p in read_all(topic))
     store.close()
+
+
+def test_loop_offsets_follow_the_disk_after_a_failed_batch(records_impl, tmp_path,
+                                                           monkeypatch, caplog):
+    """After a failed batch the loop's next offset is the topic's end on
+    disk (plus what is on its way there), not a subtraction: here the
+    cut-back of a batch whose fsync failed is made to leave it in place,
+    and the batches after it still get the right offsets on the loop (no
+    re-encoding)."""
+    from broker.storage.log import TopicLog
+    real_fsync = os.fsync
+    fail = {"fsync": 0}
+
+    def fsync(fd):
+        if fail["fsync"] and os.readlink("/proc/self/fd/%d" % fd).endswith(".log"):
+            fail["fsync"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(TopicLog, "undo", lambda self, result: None)  # a cut-back that failed
+
+    async def main():
+        store = make_store(tmp_path, fsync="always", segment_bytes=1 << 20)
+        writer = await start_writer(store)
+        topic = store.get_or_create("t")
+        loop = asyncio.get_running_loop()
+
+        async def pub(msgs):
+            fut = loop.create_future()
+            publish_records(writer, topic, msgs, lambda b, c, e: fut.set_result((b, c, e)))
+            return await asyncio.wait_for(fut, 10)
+
+        assert await pub([b"A0", b"A1"]) == (0, 2, None)
+        fail["fsync"] = 1
+        base, count, exc = await pub([b"F0", b"F1", b"F2"])
+        assert (base, count, exc.errno) == (None, 3, errno.EIO)
+        assert topic.next_offset == topic.active.end_offset == 5  # the disk's end
+        for i in range(3):
+            assert await pub([b"B%d" % i]) == (5 + i, 1, None)
+        assert topic.next_offset == topic.active.end_offset == 8
+        await writer.close()
+        store.close()
+
+    with caplog.at_level("WARNING", logger="broker.storage.writer"):
+        asyncio.run(main())
+    assert "records made with offsets" not in caplog.text
+
+
+def test_refused_batch_is_not_served_when_its_cut_back_fails(records_impl, tmp_path,
+                                                              monkeypatch):
+    """fsync=always: a batch whose fsync fails is refused and cut back; when
+    the cut (ftruncate) fails too, it is still taken back in memory, so it
+    is never served and the next batch is written over it."""
+    real_fsync, real_ftruncate = os.fsync, os.ftruncate
+    fail = {"fsync": 0, "ftruncate": 0}
+
+    def fsync(fd):
+        if fail["fsync"] and os.readlink("/proc/self/fd/%d" % fd).endswith(".log"):
+            fail["fsync"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    def ftruncate(fd, size):
+        if fail["ftruncate"]:
+            fail["ftruncate"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real_ftruncate(fd, size)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "ftruncate", ftruncate)
+
+    async def main():
+        store = make_store(tmp_path, fsync="always", segment_bytes=1 << 20)
+        writer = await start_writer(store)
+        topic = store.get_or_create("t")
+        loop = asyncio.get_running_loop()
+
+        async def pub(msgs):
+            fut = loop.create_future()
+            publish_records(writer, topic, msgs, lambda b, c, e: fut.set_result((b, c, e)))
+            return await asyncio.wait_for(fut, 10)
+
+        assert await pub([b"A0", b"A1"]) == (0, 2, None)
+        fail["fsync"], fail["ftruncate"] = 1, 1
+        base, count, exc = await pub([b"F0", b"F1", b"F2"])
+        assert (base, count, exc.errno) == (None, 3, errno.EIO)
+        assert topic.end_offset == topic.next_offset == 2
+        assert [p for _o, _t, p in read_all(topic)] == [b"A0", b"A1"]
+        assert await pub([b"B0"]) == (2, 1, None)
+        assert [(o, p) for o, _t, p in read_all(topic)] == [(0, b"A0"), (1, b"A1"), (2, b"B0")]
+        await writer.close()
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_append_times_never_go_back_across_a_restart(records_impl, tmp_path):
+    """Times are given on the loop as batches arrive. A job holding a v0
+    list and a later v1 batch is written with the newer time as the
+    segment's last, and after a restart with the clock stepped back, new
+    batches are not stamped before it (time lookups binary-search)."""
+    from storage_helpers import FakeClock
+    clock = FakeClock()
+
+    async def run(msgs_v0, msgs_v1):
+        store = make_store(tmp_path, clock=clock, segment_bytes=1 << 20)
+        writer = await start_writer(store)
+        topic = store.get_or_create("t")
+        loop = asyncio.get_running_loop()
+        futs = []
+        for publish_fn, msgs in ((publish, msgs_v0), (publish_records, msgs_v1)):
+            fut = loop.create_future()
+            futs.append(fut)
+            publish_fn(writer, topic, msgs, lambda b, c, e, fut=fut: fut.set_result(e))
+            clock.advance(5)  # the second batch arrives 5 s later, in the same job
+        assert await asyncio.wait_for(asyncio.gather(*futs), 10) == [None, None]
+        await writer.close()
+        times = [t for _o, t, _p in read_all(topic)]
+        store.close()
+        return times
+
+    first = asyncio.run(run([b"a0", b"a1"], [b"b0"]))
+    assert first == [first[0]] * 2 + [first[0] + 5000]
+    clock.advance(-100)  # the wall clock steps back across the restart
+    times = asyncio.run(run([b"c0"], [b"d0"]))
+    assert times == sorted(times) and times[3] == first[2], times
 
 
 def test_syncer_survives_an_unexpected_error(tmp_path, monkeypatch):

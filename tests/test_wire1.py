@@ -488,7 +488,10 @@ def test_record_crcs_with_either_crc_kernel(twins, kernel):
     c, py = twins
     try:
         for mod in (c.records, c.wire1):
-            if mod._use_crc32_kernel("zlib" if kernel == "zlib" else None) != kernel:
+            got = mod._use_crc32_kernel("zlib" if kernel == "zlib" else None)
+            if kernel == "zlib":
+                assert got == "zlib", mod.__name__  # the hook must take effect
+            elif got != kernel:
                 pytest.skip("this CPU has no PCLMULQDQ (the compiled codec uses zlib)")
         for base, ts in ((0, 0), (77, 88), ((1 << 63) + 5, (1 << 64) - 1)):
             for msgs in (STAMP_MSGS, STAMP_MSGS[::-1]):
@@ -562,6 +565,9 @@ def test_publish_records_offsets_and_time_in_range(w):
     assert w.wire1.publish_records(b"\0\x01t" + u32(0), top - 1, 0)[2] == 0
     for base, ts in ((top - 2, 0), (-1, 0), (0, -1), (0, top), (top, 0)):
         with pytest.raises(ValueError, match="offset or time out of range"):
+            w.wire1.publish_records(payload, base, ts)
+    for base, ts in ((0, 2.5), (1.0, 0), ("1", 0)):  # integers only, as in encode_records
+        with pytest.raises(TypeError):
             w.wire1.publish_records(payload, base, ts)
 
 

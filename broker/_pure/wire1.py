@@ -21,6 +21,7 @@ The full protocol is in docs/protocol.md.
 
 from __future__ import annotations
 
+import operator
 import struct
 import zlib
 
@@ -220,6 +221,7 @@ def publish_records(payload, base_offset: int, timestamp_ms: int):
     offset or time raise ValueError.
     """
     topic, count, pos = _pub_head(payload)
+    base_offset, timestamp_ms = operator.index(base_offset), operator.index(timestamp_ms)
     if not (0 <= base_offset <= _U64_MAX and 0 <= timestamp_ms <= _U64_MAX) \
             or base_offset + count > _U64_MAX + 1:
         raise ValueError("publish_records: offset or time out of range")

@@ -27,10 +27,10 @@ cdef enum:
     # parallelism can win back. CPython's zlib.crc32 uses 5 KiB.
     CRC_NOGIL_ZLIB = 65536
     CRC_NOGIL_CLMUL = 1 << 20
-    # The batch paths (publish_records, stamp_records) also walk a header
-    # and copy or stamp per record, which costs as much as the fold's CRC
-    # for short messages: they release the GIL over this many bytes
-    # whatever the kernel.
+    # The batch path (publish_records) also walks a header and copies and
+    # stamps per record, which costs as much as the fold's CRC for short
+    # messages: it releases the GIL over this many bytes whatever the
+    # kernel.
     CRC_NOGIL_BATCH = 65536
 
 

@@ -12,7 +12,7 @@ compared exactly over the whole u64 range, however large or negative the
 Python ints passed in are.
 """
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport (
     PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
     PyBytes_GET_SIZE,
@@ -23,7 +23,7 @@ from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport UINT32_MAX, UINT64_MAX, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from ._crc32 cimport CRC_NOGIL_BATCH, crc32_update, use_crc32_kernel
+from ._crc32 cimport crc32_update, use_crc32_kernel
 
 import struct
 

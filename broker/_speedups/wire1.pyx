@@ -16,6 +16,7 @@ from cpython.bytearray cimport (
     PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_GET_SIZE,
 )
 from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.number cimport PyNumber_Index
 from cpython.ref cimport Py_INCREF
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
@@ -450,6 +451,8 @@ def publish_records(payload, base_offset, timestamp_ms):
         p = <const unsigned char*>view.buf
         end = view.len
         topic = _pub_head(p, end, &pos, &count)
+        base_offset = PyNumber_Index(base_offset)
+        timestamp_ms = PyNumber_Index(timestamp_ms)
         if not (0 <= base_offset <= _U64_MAX and 0 <= timestamp_ms <= _U64_MAX) \
                 or base_offset + count > _U64_MAX + 1:
             raise ValueError("publish_records: offset or time out of range")
@@ -482,6 +485,7 @@ def publish_records(payload, base_offset, timestamp_ms):
         return topic, out, count, -1, (n + RECORD_HEADER_SIZE if count else 0)
     finally:
         PyBuffer_Release(&view)
+
 
 def _use_crc32_kernel(name):
     """Tests only: the CRCs of this module by ``"zlib"``, or probe again (``None``)."""

@@ -67,7 +67,7 @@ class TopicLog:
         "name", "name_bytes", "directory", "segments", "_bases", "_sealed_bytes",
         "end_offset", "next_offset", "subscribers", "active", "interval",
         "config", "overrides", "stats", "rcache", "wcache",
-        "materialized", "last_time", "next_time", "durable", "tail", "tail_cache",
+        "materialized", "last_time", "next_time", "unwritten", "durable", "tail", "tail_cache",
     )
 
     def __init__(self, name: str, directory: str, segments: list[Segment], config: TopicConfig,
@@ -92,6 +92,7 @@ class TopicLog:
         self.materialized = materialized           # directory and first segment exist
         self.last_time = self.active.last_time     # newest append time, ms (disk thread)
         self.next_time = self.last_time            # least time the next publish gets, ms (loop)
+        self.unwritten = 0                         # records handed to the disk thread, not reported (loop)
         self.durable: CheckpointEntry | None = None  # state at the last fsync (disk thread)
         self.tail: collections.deque = collections.deque()  # newest batches (TailCache; loop)
         self.tail_cache = None        # the TailCache keeping them (set by the LogStore)
@@ -362,7 +363,7 @@ class TopicLog:
         atomic_write(os.path.join(self.directory, CONFIG_FILE), encode_overrides(overrides))
 
     def append(self, buf, count: int, ts_ms: int, last_len: int) -> AppendResult:
-        """Write encoded records (all with append time ``ts_ms``).
+        """Write encoded records, ``ts_ms`` the newest append time among them.
 
         ``last_len`` is the size of the last record in ``buf``. Fills the
         active segment up to ``segment_bytes`` and rolls, as often as

@@ -478,12 +478,17 @@ class Segment:
     def restore(self, state: tuple) -> None:
         """Cut both files back to ``state`` (from :meth:`state`): undo appends."""
         size, index_size = state[0], state[1]
-        self._wfds()
-        os.ftruncate(self.fd, size)
-        os.ftruncate(self.index_fd, index_size)
-        (self.size, self.index_size, self.end_offset, self.next_index_pos,
-         self.last_pos, self.last_time) = state
-        self.written_back = min(self.written_back, self.size)
+        try:
+            self._wfds()
+            os.ftruncate(self.fd, size)
+            os.ftruncate(self.index_fd, index_size)
+        finally:
+            # Even when a file could not be cut (the error goes on up), the
+            # appends are taken back: nothing past the old end is served,
+            # and the next append writes over it.
+            (self.size, self.index_size, self.end_offset, self.next_index_pos,
+             self.last_pos, self.last_time) = state
+            self.written_back = min(self.written_back, self.size)
 
     def fsync(self) -> None:
         self._wfds()

@@ -1,8 +1,8 @@
 """The tail cache: the newest record batches of every topic, kept in memory.
 
 A consumer that keeps up reads what was just written. Every batch the disk
-thread writes was encoded (or stamped) in this process, with its CRCs
-computed from the published bytes, so a subscriber that is caught up is
+thread writes was encoded in this process, with its CRCs computed from the
+published bytes, so a subscriber that is caught up is
 served from these bytes: no ``pread`` and no second CRC pass, since no disk
 has touched them. Anything older, or anything read after a restart, comes
 from the segment files and is checked record by record as before.

@@ -9,8 +9,9 @@ accumulates: this is group commit, and the busier the broker the larger the
 batches.
 
 The disk thread takes each topic's batch as records (a v1 ``PUB``'s are
-finished on the loop by ``wire1.publish_records``; a v0 list is encoded
-here, one codec call), writes it (one ``pwrite``, two when a batch straddles a segment roll) and
+finished on the loop by ``wire1.publish_records``; a list of messages, from
+a v0 ``PUB`` or a v1 one parsed first, is encoded here, one codec call),
+writes it (one ``pwrite``, two when a batch straddles a segment roll) and
 applies the topic's fsync policy; the GIL is released during write and
 fsync. Then the loop makes the data visible (``TopicLog.written``), calls
 the ``on_stored`` callbacks and wakes the consumers. Nothing is readable,
@@ -96,11 +97,11 @@ class _Job:
     """One unit of work for the disk thread, and its results."""
 
     __slots__ = ("appends", "acks", "offsets", "deletes", "calls", "checkpoint", "nbytes",
-                 "results", "errors", "call_results", "unsynced")
+                 "results", "errors", "ends", "call_results", "unsynced")
 
     def __init__(self, appends, acks, offsets, deletes, calls, checkpoint: bool,
                  nbytes: int = 0) -> None:
-        self.appends = appends      # [(TopicLog, [(messages or records, count, ts, last_len)], count)]
+        self.appends = appends      # [(TopicLog, [(messages or records, count, ts, last_len)], n)]
         self.acks = acks            # [(callback, TopicLog, index in the topic's batch, count)]
         self.offsets = offsets      # {(client_id, topic): offset} to persist
         self.deletes = deletes      # [(directory, [Segment])] dropped by retention
@@ -109,6 +110,7 @@ class _Job:
         self.nbytes = nbytes        # published bytes it carries (flow control)
         self.results = []           # [(TopicLog, AppendResult)]
         self.errors = []            # [(TopicLog, count, OSError)] appends that failed
+        self.ends = {}              # {TopicLog: offset after its last record on disk, after the job}
         self.call_results = []      # [(future, result, exception)]
         self.unsynced = []          # [(TopicLog, AppendResult, count)] written, fsync=always, not yet reported
 
@@ -232,7 +234,10 @@ class DiskWriter:
         """
         if ts is None:
             ts = self.next_stamp(topic)[1]
-        entry = (messages, len(messages) if count is None else count, on_stored, ts, last_len)
+        if count is None:
+            count = len(messages)
+        topic.unwritten += count
+        entry = (messages, count, on_stored, ts, last_len)
         lists = self._pending.get(topic)
         if lists is None:
             self._pending[topic] = [entry]
@@ -407,8 +412,11 @@ class DiskWriter:
         self._flight_bytes -= job.nbytes
         stored = {}
         tail = self._tail
+        for topic, _parts, count in job.appends:
+            topic.unwritten -= count
         for topic, result in job.results:
             stored[topic] = result.end_offset - result.count  # its first offset
+            topic.next_offset = result.end_offset + topic.unwritten  # (the same, but for a drift)
             topic.written(result)
             if tail is not None and result.buf is not None:
                 tail.add(topic, result.end_offset - result.count, result.end_offset, result.buf)
@@ -424,7 +432,15 @@ class DiskWriter:
         for topic, count, exc in errors:
             failed[topic] = exc
             self.stats["write_errors"] += 1
-            topic.next_offset -= count  # those offsets were never assigned
+            end = job.ends.get(topic)
+            if end is None:  # the disk thread broke off first: nothing of it written
+                topic.next_offset -= count
+            else:
+                # Those offsets were never assigned: the next publish gets
+                # the topic's end on disk plus what is still on its way
+                # there (from the disk's end, should a failed cut-back
+                # have left it ahead of the loop's count).
+                topic.next_offset = end + topic.unwritten
             log.error("append to topic %s failed, %d messages not stored: %s",
                       topic.name, count, exc)
         for cb, topic, rel, count in job.acks:
@@ -543,6 +559,7 @@ class DiskWriter:
             except BaseException:
                 log.exception("could not take back a batch of topic %s", topic.name)
             job.errors.append((topic, count, RuntimeError("disk thread error; not stored")))
+            job.ends[topic] = topic.active.end_offset
         job.unsynced.clear()
 
     def _next_deadline(self) -> float | None:
@@ -615,6 +632,7 @@ class DiskWriter:
                 if not isinstance(exc, OSError):
                     log.exception("append to topic %s failed", topic.name)
                 job.errors.append((topic, count, exc))
+                job.ends[topic] = topic.active.end_offset
                 continue
             policy = topic.config.fsync
             if policy == "always":
@@ -666,6 +684,7 @@ class DiskWriter:
                 log.error("fsync of topic %s failed: %s", topic.name, exc)
                 topic.undo(result)
                 job.errors.append((topic, count, exc))
+                job.ends[topic] = topic.active.end_offset
                 del synced_now[0]
                 continue
             if result is not None:
@@ -877,7 +896,7 @@ def _reoffset(buf: bytearray, count: int, base: int, ts: int):
     decoded, _end = records.decode_records(buf, first, first + count)
     if len(decoded) != count:
         raise RuntimeError("records batch holds %d records, not %d" % (len(decoded), count))
-    log.warning("records moved from offset %d to %d: a batch before them was not stored",
-                first, base)
+    log.warning("records made with offsets from %d are stored from %d: a batch before "
+                "them failed", first, base)
     return records.encode_records([m for _o, _t, m in decoded], base, ts), \
         _RECORD_OVERHEAD + len(decoded[-1][2])
