@@ -267,6 +267,37 @@ def test_records_behind_a_failed_batch_close_the_gap(records_impl, tmp_path, mon
     store.close()
 
 
+class _FailNext:
+    """Makes the next ``fsync`` calls on a segment, and ``ftruncate`` calls, fail with EIO."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.fsync = 0
+        self.ftruncate = 0
+        real_fsync, real_ftruncate = os.fsync, os.ftruncate
+
+        def fsync(fd):
+            if self.fsync and os.readlink("/proc/self/fd/%d" % fd).endswith(".log"):
+                self.fsync -= 1
+                raise OSError(errno.EIO, "Input/output error")
+            return real_fsync(fd)
+
+        def ftruncate(fd, size):
+            if self.ftruncate:
+                self.ftruncate -= 1
+                raise OSError(errno.EIO, "Input/output error")
+            return real_ftruncate(fd, size)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "ftruncate", ftruncate)
+
+
+async def _publish_records_and_wait(writer, topic, msgs):
+    """A v1 batch published and stored (or refused): ``(base, count, error)``."""
+    fut = asyncio.get_running_loop().create_future()
+    publish_records(writer, topic, msgs, lambda b, c, e: fut.set_result((b, c, e)))
+    return await asyncio.wait_for(fut, 10)
+
+
 def test_loop_offsets_follow_the_disk_after_a_failed_batch(records_impl, tmp_path,
                                                            monkeypatch, caplog):
     """After a failed batch the loop's next offset is the topic's end on
@@ -275,36 +306,20 @@ def test_loop_offsets_follow_the_disk_after_a_failed_batch(records_impl, tmp_pat
     and the batches after it still get the right offsets on the loop (no
     re-encoding)."""
     from broker.storage.log import TopicLog
-    real_fsync = os.fsync
-    fail = {"fsync": 0}
-
-    def fsync(fd):
-        if fail["fsync"] and os.readlink("/proc/self/fd/%d" % fd).endswith(".log"):
-            fail["fsync"] -= 1
-            raise OSError(errno.EIO, "Input/output error")
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    fail = _FailNext(monkeypatch)
     monkeypatch.setattr(TopicLog, "undo", lambda self, result: None)  # a cut-back that failed
 
     async def main():
         store = make_store(tmp_path, fsync="always", segment_bytes=1 << 20)
         writer = await start_writer(store)
         topic = store.get_or_create("t")
-        loop = asyncio.get_running_loop()
-
-        async def pub(msgs):
-            fut = loop.create_future()
-            publish_records(writer, topic, msgs, lambda b, c, e: fut.set_result((b, c, e)))
-            return await asyncio.wait_for(fut, 10)
-
-        assert await pub([b"A0", b"A1"]) == (0, 2, None)
-        fail["fsync"] = 1
-        base, count, exc = await pub([b"F0", b"F1", b"F2"])
+        assert await _publish_records_and_wait(writer, topic, [b"A0", b"A1"]) == (0, 2, None)
+        fail.fsync = 1
+        base, count, exc = await _publish_records_and_wait(writer, topic, [b"F0", b"F1", b"F2"])
         assert (base, count, exc.errno) == (None, 3, errno.EIO)
         assert topic.next_offset == topic.active.end_offset == 5  # the disk's end
         for i in range(3):
-            assert await pub([b"B%d" % i]) == (5 + i, 1, None)
+            assert await _publish_records_and_wait(writer, topic, [b"B%d" % i]) == (5 + i, 1, None)
         assert topic.next_offset == topic.active.end_offset == 8
         await writer.close()
         store.close()
@@ -319,42 +334,19 @@ def test_refused_batch_is_not_served_when_its_cut_back_fails(records_impl, tmp_p
     """fsync=always: a batch whose fsync fails is refused and cut back; when
     the cut (ftruncate) fails too, it is still taken back in memory, so it
     is never served and the next batch is written over it."""
-    real_fsync, real_ftruncate = os.fsync, os.ftruncate
-    fail = {"fsync": 0, "ftruncate": 0}
-
-    def fsync(fd):
-        if fail["fsync"] and os.readlink("/proc/self/fd/%d" % fd).endswith(".log"):
-            fail["fsync"] -= 1
-            raise OSError(errno.EIO, "Input/output error")
-        return real_fsync(fd)
-
-    def ftruncate(fd, size):
-        if fail["ftruncate"]:
-            fail["ftruncate"] -= 1
-            raise OSError(errno.EIO, "Input/output error")
-        return real_ftruncate(fd, size)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "ftruncate", ftruncate)
+    fail = _FailNext(monkeypatch)
 
     async def main():
         store = make_store(tmp_path, fsync="always", segment_bytes=1 << 20)
         writer = await start_writer(store)
         topic = store.get_or_create("t")
-        loop = asyncio.get_running_loop()
-
-        async def pub(msgs):
-            fut = loop.create_future()
-            publish_records(writer, topic, msgs, lambda b, c, e: fut.set_result((b, c, e)))
-            return await asyncio.wait_for(fut, 10)
-
-        assert await pub([b"A0", b"A1"]) == (0, 2, None)
-        fail["fsync"], fail["ftruncate"] = 1, 1
-        base, count, exc = await pub([b"F0", b"F1", b"F2"])
+        assert await _publish_records_and_wait(writer, topic, [b"A0", b"A1"]) == (0, 2, None)
+        fail.fsync, fail.ftruncate = 1, 1
+        base, count, exc = await _publish_records_and_wait(writer, topic, [b"F0", b"F1", b"F2"])
         assert (base, count, exc.errno) == (None, 3, errno.EIO)
         assert topic.end_offset == topic.next_offset == 2
         assert [p for _o, _t, p in read_all(topic)] == [b"A0", b"A1"]
-        assert await pub([b"B0"]) == (2, 1, None)
+        assert await _publish_records_and_wait(writer, topic, [b"B0"]) == (2, 1, None)
         assert [(o, p) for o, _t, p in read_all(topic)] == [(0, b"A0"), (1, b"A1"), (2, b"B0")]
         await writer.close()
         store.close()
