@@ -333,7 +333,7 @@ def test_refused_batch_is_not_served_when_its_cut_back_fails(records_impl, tmp_p
                                                               monkeypatch):
     """fsync=always: a batch whose fsync fails is refused and cut back; when
     the cut (ftruncate) fails too, it is still taken back in memory, so it
-    is never served and the next batch is written over it."""
+    is never served, and the next append cuts the file before it writes."""
     fail = _FailNext(monkeypatch)
 
     async def main():
@@ -348,6 +348,9 @@ def test_refused_batch_is_not_served_when_its_cut_back_fails(records_impl, tmp_p
         assert [p for _o, _t, p in read_all(topic)] == [b"A0", b"A1"]
         assert await _publish_records_and_wait(writer, topic, [b"B0"]) == (2, 1, None)
         assert [(o, p) for o, _t, p in read_all(topic)] == [(0, b"A0"), (1, b"A1"), (2, b"B0")]
+        # The next append cut what the failed cut left, so nothing of F
+        # follows B in the file for recovery to find after a crash.
+        assert os.path.getsize(topic.active.log_path) == topic.active.size
         await writer.close()
         store.close()
 

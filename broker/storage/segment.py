@@ -67,7 +67,7 @@ class Segment:
         "base_offset", "log_path", "index_path", "interval", "rcache", "wcache",
         # disk thread
         "fd", "index_fd", "size", "end_offset", "next_index_pos", "index_size",
-        "last_pos", "last_time", "sealed", "written_back",
+        "last_pos", "last_time", "sealed", "written_back", "uncut",
         # event loop
         "rfd", "readable_size", "_index", "_first_time", "_max_time",
     )
@@ -84,6 +84,7 @@ class Segment:
         self.index_fd = -1                     # index, read-write (disk thread; write cache)
         self.size = 0                          # bytes of valid records (disk thread)
         self.written_back = 0                  # writeback started up to here (disk thread)
+        self.uncut = False                     # a failed cut-back may have left bytes past size
         self.end_offset = base_offset          # offset after the last record (disk thread)
         self.next_index_pos = 0                # byte position where the next entry is due
         self.index_size = 0                    # bytes of entries in the .index file
@@ -457,6 +458,10 @@ class Segment:
         when it makes the write visible.
         """
         self._wfds()
+        if self.uncut:  # a failed append's bytes may still follow our end: cut them first
+            os.ftruncate(self.fd, self.size)
+            os.ftruncate(self.index_fd, self.index_size)
+            self.uncut = False
         entries, due = records.index_entries(buf, self.size, self.next_index_pos,
                                              self.interval, self.base_offset)
         pwrite_all(self.fd, buf, self.size)
@@ -478,14 +483,16 @@ class Segment:
     def restore(self, state: tuple) -> None:
         """Cut both files back to ``state`` (from :meth:`state`): undo appends."""
         size, index_size = state[0], state[1]
+        self.uncut = True
         try:
             self._wfds()
             os.ftruncate(self.fd, size)
             os.ftruncate(self.index_fd, index_size)
+            self.uncut = False
         finally:
             # Even when a file could not be cut (the error goes on up), the
             # appends are taken back: nothing past the old end is served,
-            # and the next append writes over it.
+            # and the next append cuts the files first (or is refused).
             (self.size, self.index_size, self.end_offset, self.next_index_pos,
              self.last_pos, self.last_time) = state
             self.written_back = min(self.written_back, self.size)
