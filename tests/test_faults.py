@@ -432,6 +432,63 @@ def test_stalled_disk_does_not_time_out_paused_producers(tmp_path):
         th.join(10)
 
 
+def test_stdlib_loop_deliveries_keep_flow_control(tmp_path, monkeypatch):
+    """On a stdlib asyncio loop (no uvloop) a tail-cache batch goes out as
+    two ``transport.write`` calls, never ``writelines``, which in Python
+    3.12 and 3.13.0 neither pauses the protocol above its high-water mark
+    nor checks for a lost connection: a subscriber that reads everything
+    gets every message, and one that reads nothing leaves at most about the
+    high-water mark and one delivery chunk buffered in the broker."""
+    import asyncio.selector_events as selector_events
+    from broker.config import Config
+    from broker.server import Broker
+
+    def no_writelines(self, data):
+        raise AssertionError("writelines on a stdlib transport")
+
+    monkeypatch.setattr(selector_events._SelectorSocketTransport, "writelines", no_writelines)
+    loop = asyncio.new_event_loop()
+    th = threading.Thread(target=loop.run_forever, daemon=True)
+    th.start()
+
+    def call(coro, timeout=30):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+    cfg = Config(host=HOST, port=0, data_dir=str(tmp_path / "data"), fsync="never",
+                 write_high_water=64 * 1024, write_low_water=16 * 1024)
+
+    async def make():
+        b = Broker(cfg)
+        await b.start()
+        return b
+
+    async def buffered():
+        return (max(c.transport.get_write_buffer_size() for c in broker.connections),
+                sum(c.write_paused for c in broker.connections))
+
+    broker = call(make())
+    assert not type(loop).__module__.startswith("uvloop")
+    t = "stdlib-" + uuid.uuid4().hex[:8]
+    value = b"v" * 2000
+    try:
+        with V1Conn(broker.port) as producer, V1Conn(broker.port) as reader, \
+                V1Conn(broker.port) as idle:
+            for c in (producer, reader, idle):
+                c.hello()
+            idle.subscribe(t)  # and never reads
+            rid, _ = reader.subscribe(t)
+            for _ in range(100):  # 20 MB: more than the idle socket's kernel buffers hold
+                producer.publish(t, [value] * 100)
+                reader.read_messages(100, rid)
+            most, paused = call(buffered())
+            assert paused == 1  # the idle subscriber: paused, not buffering on
+            assert most <= cfg.write_high_water + cfg.delivery_chunk_bytes
+    finally:
+        call(broker.stop())
+        loop.call_soon_threadsafe(loop.stop)
+        th.join(10)
+
+
 # -- soak ---------------------------------------------------------------------------------
 
 def test_soak_3_minutes(tmp_path):

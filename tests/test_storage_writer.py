@@ -357,6 +357,53 @@ def test_refused_batch_is_not_served_when_its_cut_back_fails(records_impl, tmp_p
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("then", ["shutdown", "roll"])
+def test_refused_batch_stays_out_after_a_restart(records_impl, tmp_path, monkeypatch, then):
+    """A refused batch whose cut-back failed is cut off the file before the
+    segment is closed for good: at a clean shutdown (nothing appended after
+    it), or when the next batch does not fit and the segment is sealed (no
+    append to it comes first). After a restart recovery does not find it."""
+    fail = _FailNext(monkeypatch)
+
+    async def main():
+        store = make_store(tmp_path, fsync="always", segment_bytes=4096)
+        writer = await start_writer(store)
+        topic = store.get_or_create("t")
+        assert await _publish_records_and_wait(writer, topic, [b"A" * 3000]) == (0, 1, None)
+        fail.fsync, fail.ftruncate = 1, 1
+        base, count, exc = await _publish_records_and_wait(writer, topic, [b"F" * 500])
+        assert (base, count, exc.errno) == (None, 1, errno.EIO)
+        if then == "roll":  # 2000 bytes do not fit the 1000-odd left
+            assert await _publish_records_and_wait(writer, topic, [b"B" * 2000]) == (1, 1, None)
+        await writer.close()
+        store.close()
+
+    asyncio.run(main())
+    store = make_store(tmp_path, fsync="always", segment_bytes=4096)
+    got = [(o, p[:1]) for o, _t, p in read_all(store.get("t"))]
+    store.close()
+    assert got == [(0, b"A")] + ([(1, b"B")] if then == "roll" else [])
+
+
+def test_a_stored_batch_resets_the_loop_offset_to_the_disk(records_impl, tmp_path):
+    """Each stored batch sets the loop's next offset from the topic's end on
+    disk plus what is still on its way there, so a drift (here made by hand)
+    does not outlive the next write."""
+
+    async def main():
+        store = make_store(tmp_path, segment_bytes=1 << 20)
+        writer = await start_writer(store)
+        topic = store.get_or_create("t")
+        assert await _publish_records_and_wait(writer, topic, [b"A0", b"A1"]) == (0, 2, None)
+        topic.next_offset += 7  # a drift
+        assert await _publish_records_and_wait(writer, topic, [b"B0"]) == (2, 1, None)
+        assert (topic.next_offset, topic.end_offset, topic.unwritten) == (3, 3, 0)
+        await writer.close()
+        store.close()
+
+    asyncio.run(main())
+
+
 def test_append_times_never_go_back_across_a_restart(records_impl, tmp_path):
     """Times are given on the loop as batches arrive. A job holding a v0
     list and a later v1 batch is written with the newer time as the

@@ -64,6 +64,7 @@ class Connection(V1Handlers, asyncio.Protocol):
         self.subs: dict[str, Subscription] = {}  # topic name -> subscription
         self.last_seen = 0.0                  # loop.time() of the last bytes received
         self.write_paused = False             # transport above its high-water mark
+        self._writev = False                  # writelines sends without a copy (uvloop)
         self._read_pauses: set[str] = set()   # why reading is paused: "disk", "replies", "burst"
         self._partial_since = 0.0             # loop.time() a partial frame started waiting, or 0
         self._burst = 0                       # bytes read since this connection last yielded
@@ -104,6 +105,10 @@ class Connection(V1Handlers, asyncio.Protocol):
             return
         cfg = self.broker.config
         transport.set_write_buffer_limits(high=cfg.write_high_water, low=cfg.write_low_water)
+        # uvloop's writelines is one writev that keeps the buffers; the
+        # stdlib's joins them (3.11) or, in 3.12 and 3.13.0, neither pauses
+        # the protocol above high water nor checks for a lost connection.
+        self._writev = type(transport).__module__.startswith("uvloop")
         self.last_seen = self.loop.time()
         self._timer = self.loop.call_at(self.last_seen + self._check_period(), self._check_alive)
 
@@ -462,10 +467,13 @@ class Connection(V1Handlers, asyncio.Protocol):
                         sub.offset = sub.topic.start_offset
                     break
                 out, count, nxt = got
-                if type(out) is tuple:  # a tail-cache batch behind its head (v1.batch_frame)
+                if type(out) is not tuple:
+                    transport.write(out)
+                elif self._writev:  # a tail-cache batch behind its head (v1.batch_frame)
                     transport.writelines(out)
                 else:
-                    transport.write(out)
+                    transport.write(out[0])
+                    transport.write(out[1])
                 sub.offset = nxt
                 if sub.auto_commit:
                     # v0 can't acknowledge: its offset follows what was

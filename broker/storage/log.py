@@ -255,7 +255,9 @@ class TopicLog:
             # Records i .. m-1 end at starts[m]: the largest m with starts[m] <= a + max_bytes.
             m = max(bisect.bisect_right(starts, a + max_bytes, i + 1) - 1, i + 1)
         b = starts[m] if m < n else len(buf)
-        return forward(memoryview(buf)[a:b], m - i), m - i, first + m
+        # A copy of the part: a congested transport may hold what it is
+        # given, and must not keep the whole batch alive for a slice of it.
+        return forward(buf if a == 0 and b == len(buf) else buf[a:b], m - i), m - i, first + m
 
     def offset_for_time(self, ts_ms: int) -> int:
         """The first offset whose append time is at or after ``ts_ms``.

@@ -458,10 +458,7 @@ class Segment:
         when it makes the write visible.
         """
         self._wfds()
-        if self.uncut:  # a failed append's bytes may still follow our end: cut them first
-            os.ftruncate(self.fd, self.size)
-            os.ftruncate(self.index_fd, self.index_size)
-            self.uncut = False
+        self.cut_tail()
         entries, due = records.index_entries(buf, self.size, self.next_index_pos,
                                              self.interval, self.base_offset)
         pwrite_all(self.fd, buf, self.size)
@@ -479,6 +476,18 @@ class Segment:
         self.last_pos = self.size - last_len
         self.last_time = ts_ms
         return entries
+
+    def cut_tail(self) -> None:
+        """Disk thread: cut what a failed cut-back left past our end (OSError if it fails).
+
+        Before anything is appended after it or the segment is sealed, and
+        at shutdown, so that recovery never finds a refused batch's records.
+        """
+        if self.uncut:
+            self._wfds()
+            os.ftruncate(self.fd, self.size)
+            os.ftruncate(self.index_fd, self.index_size)
+            self.uncut = False
 
     def restore(self, state: tuple) -> None:
         """Cut both files back to ``state`` (from :meth:`state`): undo appends."""
@@ -513,6 +522,7 @@ class Segment:
         segment but the last without reading it.
         """
         self._wfds()
+        self.cut_tail()
         os.fsync(self.fd)
         os.fsync(self.index_fd)
         self.sealed = True

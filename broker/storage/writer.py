@@ -433,7 +433,7 @@ class DiskWriter:
             failed[topic] = exc
             self.stats["write_errors"] += 1
             end = job.ends.get(topic)
-            if end is None:  # the disk thread broke off first: nothing of it written
+            if end is None:  # not expected: _write and _abandon record every topic
                 topic.next_offset -= count
             else:
                 # Those offsets were never assigned: the next publish gets
@@ -561,6 +561,9 @@ class DiskWriter:
             job.errors.append((topic, count, RuntimeError("disk thread error; not stored")))
             job.ends[topic] = topic.active.end_offset
         job.unsynced.clear()
+        for topic, _parts, count in job.appends:  # and the ones it never reached
+            if count and topic not in job.ends:
+                job.ends[topic] = topic.active.end_offset
 
     def _next_deadline(self) -> float | None:
         due = self._sync_due
@@ -845,6 +848,13 @@ class DiskWriter:
     def _stop_work(self) -> None:
         """Clean shutdown: fsync everything, then the clean checkpoint."""
         self._stop_syncer()
+        if self._store is not None:
+            for topic in list(self._store.topics.values()):
+                try:
+                    topic.active.cut_tail()
+                except OSError as exc:  # recovery may find the refused batch: say so
+                    log.error("could not cut refused records off %s: %s",
+                              topic.active.log_path, exc)
         if self._offsets_retry:
             try:
                 self._offsets.write(self._offsets_retry)
