@@ -128,9 +128,10 @@ def test_forwarded_records_are_what_message_frame_takes(records_impl, tmp_path):
 
     def forward(recs, count):
         forwarded.append(count)
-        # The whole batch as it is, or a copy of the part sent (a congested
-        # transport holds what it is given: a view would pin the batch).
-        assert any(recs is b for _f, _l, b, _s in topic.tail) or type(recs) is not memoryview
+        # The whole batch as it is, a view of a part of at least a quarter
+        # of it, or a copy (a congested transport holds what it is given:
+        # a view pins the whole batch).
+        assert type(recs) is not memoryview or len(recs.obj) <= 4 * len(recs)
         return b"".join(batch_frame(5, head, recs, count))
 
     def unused(*args):

@@ -38,6 +38,12 @@ __all__ = ["TopicLog", "AppendResult"]
 
 log = logging.getLogger(__name__)
 
+# A part of a tail-cache batch handed to forward() is a view (no copy) while
+# the batch is at most this many times its size, else a copy: a congested
+# transport keeps what it is given, and so at most this multiple of the
+# bytes its buffer counts.
+_PIN_RATIO = 4
+
 # convert(buf, from_offset, end_offset, max_bytes, verify) -> (out, count, next_offset, used);
 # verify=False for batches from the tail cache (see tailcache.py)
 Converter = Callable[[bytes, int, int, int, bool], tuple]  # buf, from, end, max_bytes, verify
@@ -255,9 +261,9 @@ class TopicLog:
             # Records i .. m-1 end at starts[m]: the largest m with starts[m] <= a + max_bytes.
             m = max(bisect.bisect_right(starts, a + max_bytes, i + 1) - 1, i + 1)
         b = starts[m] if m < n else len(buf)
-        # A copy of the part: a congested transport may hold what it is
-        # given, and must not keep the whole batch alive for a slice of it.
-        return forward(buf if a == 0 and b == len(buf) else buf[a:b], m - i), m - i, first + m
+        # A view keeps the whole batch alive while a transport holds it.
+        part = memoryview(buf)[a:b] if len(buf) <= _PIN_RATIO * (b - a) else buf[a:b]
+        return forward(part, m - i), m - i, first + m
 
     def offset_for_time(self, ts_ms: int) -> int:
         """The first offset whose append time is at or after ``ts_ms``.
