@@ -28,6 +28,7 @@ Disk full is covered by the storage tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import threading
@@ -375,14 +376,15 @@ def test_client_reconnects_after_a_stalled_broker(tmp_path):
         stop_quietly(srv)
 
 
-# -- a stalled disk ---------------------------------------------------------------------
+# -- in process, on a stdlib loop -------------------------------------------------------
 
-def test_stalled_disk_does_not_time_out_paused_producers(tmp_path):
-    """While the broker does not read a producer (disk back-pressure), the
-    producer is neither 'silent' (heartbeat) nor 'slow' (read timeout)."""
-    from broker.config import Config
+@contextlib.contextmanager
+def broker_on_stdlib_loop(cfg):
+    """A Broker started on a stdlib asyncio loop in a thread: ``(broker, call)``.
+
+    ``call(coro)`` runs a coroutine on that loop and returns its result.
+    """
     from broker.server import Broker
-
     loop = asyncio.new_event_loop()
     th = threading.Thread(target=loop.run_forever, daemon=True)
     th.start()
@@ -390,46 +392,60 @@ def test_stalled_disk_does_not_time_out_paused_producers(tmp_path):
     def call(coro, timeout=30):
         return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
-    cfg = Config(host=HOST, port=0, data_dir=str(tmp_path / "data"), fsync="never",
-                 read_timeout=0.5, heartbeat_timeout=1.0, append_high_water=64 * 1024,
-                 append_low_water=16 * 1024)
-
     async def make():
         b = Broker(cfg)
         await b.start()
         return b
 
     broker = call(make())
-    gate = threading.Event()
-    real_write = broker.writer._write
-
-    def stalled_write(job):
-        gate.wait(30)  # the disk hangs until the test lets it go
-        real_write(job)
-
-    broker.writer._write = stalled_write
     try:
-        with V1Conn(broker.port, timeout=10) as c:
-            c.hello()
-            body = b"".join(frame(b"PUB", 10 + i, pub("stall", [bytes([65 + i % 26]) * 8000]))
-                            for i in range(40))
-            last = frame(b"PUB", 50, pub("stall", [b"the end"]))
-            sender = threading.Thread(target=c.send_raw, args=(body + last[:9],), daemon=True)
-            sender.start()
-            # 2.5 s: two heartbeat timeouts and five read timeouts.
-            c.expect_silence(2.5)
-            gate.set()
-            sender.join(10)
-            c.send_raw(last[9:])
-            acks = [c.reply(rid, timeout=20) for rid in list(range(10, 50)) + [50]]
-        assert [k for k, _, _ in acks] == [b"ACK"] * 41
-        assert broker.stats().get("heartbeat_timeouts", 0) == 0
-        assert broker.stats().get("read_timeouts", 0) == 0
+        yield broker, call
     finally:
-        gate.set()
         call(broker.stop())
         loop.call_soon_threadsafe(loop.stop)
         th.join(10)
+
+
+# -- a stalled disk ---------------------------------------------------------------------
+
+def test_stalled_disk_does_not_time_out_paused_producers(tmp_path):
+    """While the broker does not read a producer (disk back-pressure), the
+    producer is neither 'silent' (heartbeat) nor 'slow' (read timeout)."""
+    from broker.config import Config
+
+    cfg = Config(host=HOST, port=0, data_dir=str(tmp_path / "data"), fsync="never",
+                 read_timeout=0.5, heartbeat_timeout=1.0, append_high_water=64 * 1024,
+                 append_low_water=16 * 1024)
+    gate = threading.Event()
+    with broker_on_stdlib_loop(cfg) as (broker, _call):
+        real_write = broker.writer._write
+
+        def stalled_write(job):
+            gate.wait(30)  # the disk hangs until the test lets it go
+            real_write(job)
+
+        broker.writer._write = stalled_write
+        try:
+            with V1Conn(broker.port, timeout=10) as c:
+                c.hello()
+                body = b"".join(frame(b"PUB", 10 + i,
+                                      pub("stall", [bytes([65 + i % 26]) * 8000]))
+                                for i in range(40))
+                last = frame(b"PUB", 50, pub("stall", [b"the end"]))
+                sender = threading.Thread(target=c.send_raw, args=(body + last[:9],),
+                                          daemon=True)
+                sender.start()
+                # 2.5 s: two heartbeat timeouts and five read timeouts.
+                c.expect_silence(2.5)
+                gate.set()
+                sender.join(10)
+                c.send_raw(last[9:])
+                acks = [c.reply(rid, timeout=20) for rid in list(range(10, 50)) + [50]]
+            assert [k for k, _, _ in acks] == [b"ACK"] * 41
+            assert broker.stats().get("heartbeat_timeouts", 0) == 0
+            assert broker.stats().get("read_timeouts", 0) == 0
+        finally:
+            gate.set()  # before the broker stops: its disk thread waits on it
 
 
 def test_stdlib_loop_deliveries_keep_flow_control(tmp_path, monkeypatch):
@@ -441,36 +457,22 @@ def test_stdlib_loop_deliveries_keep_flow_control(tmp_path, monkeypatch):
     high-water mark and one delivery chunk buffered in the broker."""
     import asyncio.selector_events as selector_events
     from broker.config import Config
-    from broker.server import Broker
 
     def no_writelines(self, data):
         raise AssertionError("writelines on a stdlib transport")
 
     monkeypatch.setattr(selector_events._SelectorSocketTransport, "writelines", no_writelines)
-    loop = asyncio.new_event_loop()
-    th = threading.Thread(target=loop.run_forever, daemon=True)
-    th.start()
-
-    def call(coro, timeout=30):
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
-
     cfg = Config(host=HOST, port=0, data_dir=str(tmp_path / "data"), fsync="never",
                  write_high_water=64 * 1024, write_low_water=16 * 1024)
-
-    async def make():
-        b = Broker(cfg)
-        await b.start()
-        return b
-
-    async def buffered():
-        return (max(c.transport.get_write_buffer_size() for c in broker.connections),
-                sum(c.write_paused for c in broker.connections))
-
-    broker = call(make())
-    assert not type(loop).__module__.startswith("uvloop")
     t = "stdlib-" + uuid.uuid4().hex[:8]
     value = b"v" * 2000
-    try:
+    with broker_on_stdlib_loop(cfg) as (broker, call):
+
+        async def buffered():
+            assert not type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+            return (max(c.transport.get_write_buffer_size() for c in broker.connections),
+                    sum(c.write_paused for c in broker.connections))
+
         with V1Conn(broker.port) as producer, V1Conn(broker.port) as reader, \
                 V1Conn(broker.port) as idle:
             for c in (producer, reader, idle):
@@ -483,10 +485,6 @@ def test_stdlib_loop_deliveries_keep_flow_control(tmp_path, monkeypatch):
             most, paused = call(buffered())
             assert paused == 1  # the idle subscriber: paused, not buffering on
             assert most <= cfg.write_high_water + cfg.delivery_chunk_bytes
-    finally:
-        call(broker.stop())
-        loop.call_soon_threadsafe(loop.stop)
-        th.join(10)
 
 
 # -- soak ---------------------------------------------------------------------------------
