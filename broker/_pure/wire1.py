@@ -218,7 +218,8 @@ def publish_records(payload, base_offset: int, timestamp_ms: int):
     ``records`` is None: the batch is refused whole), else -1. A payload
     that does not parse raises :class:`ProtocolError`, as
     :func:`parse_publish` does; offsets past ``2**64 - 1`` or a negative
-    offset or time raise ValueError.
+    offset or time raise ValueError, and ones that are not integers
+    TypeError.
     """
     topic, count, pos = _pub_head(payload)
     base_offset, timestamp_ms = operator.index(base_offset), operator.index(timestamp_ms)

@@ -36,9 +36,10 @@ def batch_frame(rid: int, name_head: bytes, buf, count: int) -> tuple:
     ``name_head`` is the topic as ``wire1.pack_str`` packs it. Joined, the
     same bytes ``wire1.message_frame`` makes of ``buf`` when it takes every
     record, without walking them: for records of a tail-cache batch
-    (``TopicLog.read``). Not joined: the delivery pump hands both to
-    ``transport.writelines``, which sends them with one ``writev`` and
-    copies neither (a batch is never changed once written).
+    (``TopicLog.read``). Not joined: on uvloop the delivery pump hands both
+    to ``transport.writelines``, which sends them with one ``writev`` and
+    copies neither (a batch is never changed once written); elsewhere, two
+    ``write`` calls.
     """
     size = wire1.FRAME_HEADER + len(name_head) + 4 + len(buf)
     return _MSG_HEAD.pack(size, b"MSG", rid) + name_head + _U32.pack(count), buf

@@ -220,7 +220,7 @@ class DiskWriter:
         :meth:`next_stamp` gave, ``last_len`` the size of the last one: the
         disk thread writes them as they are, so no message is copied or
         hashed again. (Should a batch queued before them fail, their
-        offsets move down to close the gap: the disk thread re-encodes
+        offsets move to follow the topic's end: the disk thread re-encodes
         them.) A list of messages is encoded on the disk thread, with the
         time this call gives it when ``ts`` is None.
 
@@ -880,15 +880,14 @@ def _records(parts: list, base: int):
     A part is a list of messages (v0 publishes, and v1 ones that were
     parsed first), encoded here, or finished records from
     ``wire1.publish_records``, written as they are when they start at
-    ``base`` onwards as expected. They start later only when a batch queued
-    before them failed (``_done`` then takes its offsets back): they are
-    re-encoded at their place, so no gap opens. Several parts are joined
-    for a single write; ``ts`` is the last part's time, the newest.
+    ``base`` onwards as expected. They start elsewhere only when a batch
+    queued before them failed (``_done`` then sets the loop's offsets from
+    the disk's end): they are re-encoded at their place, so no gap opens.
+    Several parts (at least one) are joined for a single write; ``ts`` is
+    the last part's time, the newest.
     """
     bufs = []
     off = base
-    ts = 0
-    last_len = 0
     for part, count, ts, last_len in parts:
         if type(part) is not bytearray:
             last_len = _RECORD_OVERHEAD + len(part[-1])
