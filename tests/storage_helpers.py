@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib
 import os
 import pkgutil
@@ -160,6 +161,46 @@ def publish_records(writer, topic, messages, on_stored=None) -> None:
     assert bad == -1
     topic.next_offset += count
     writer.append(topic, recs, len(payload), None, on_stored, count, ts, last_len)
+
+
+class DiskFaults:
+    """Makes the next calls to fail of ``os.pwrite`` / ``os.fsync`` on segment
+    logs, and of ``os.ftruncate``, raise EIO: set ``pwrite``, ``fsync`` or
+    ``ftruncate`` to how many (``ALWAYS``: until set back to 0). A failing
+    ``pwrite`` writes half of its data first."""
+
+    ALWAYS = 1 << 62
+
+    def __init__(self, monkeypatch) -> None:
+        self.pwrite = self.fsync = self.ftruncate = 0
+        real_pwrite, real_fsync, real_ftruncate = os.pwrite, os.fsync, os.ftruncate
+
+        def failing(name: str, fd=None) -> bool:
+            if not getattr(self, name) or (
+                    fd is not None and not os.readlink("/proc/self/fd/%d" % fd).endswith(".log")):
+                return False
+            setattr(self, name, getattr(self, name) - 1)
+            return True
+
+        def pwrite(fd, data, pos):
+            if failing("pwrite", fd):
+                real_pwrite(fd, bytes(data)[:len(data) // 2], pos)  # a partial write first
+                raise OSError(errno.EIO, "Input/output error")
+            return real_pwrite(fd, data, pos)
+
+        def fsync(fd):
+            if failing("fsync", fd):
+                raise OSError(errno.EIO, "Input/output error")
+            return real_fsync(fd)
+
+        def ftruncate(fd, size):
+            if failing("ftruncate"):
+                raise OSError(errno.EIO, "Input/output error")
+            return real_ftruncate(fd, size)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "ftruncate", ftruncate)
 
 
 def open_fds() -> int:

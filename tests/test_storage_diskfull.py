@@ -15,7 +15,7 @@ import pytest
 
 import storage_helpers
 from storage_helpers import (
-    make_store, publish, read_all, segment_files, start_writer)
+    DiskFaults, make_store, publish, read_all, segment_files, start_writer)
 
 records_impl = storage_helpers.records_impl  # fixture: every test runs with both codecs
 
@@ -95,36 +95,10 @@ def test_disk_full_refuses_then_recovers(records_impl, tiny_fs):
     store.close()
 
 
-class _Faults:
-    """Makes os.pwrite / os.fsync on segment logs fail with EIO while armed."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.pwrite = False
-        self.fsync = False
-        real_pwrite, real_fsync = os.pwrite, os.fsync
-
-        def is_log(fd):
-            return os.readlink("/proc/self/fd/%d" % fd).endswith(".log")
-
-        def pwrite(fd, data, pos):
-            if self.pwrite and is_log(fd):
-                real_pwrite(fd, bytes(data)[:len(data) // 2], pos)  # a partial write first
-                raise OSError(errno.EIO, "Input/output error")
-            return real_pwrite(fd, data, pos)
-
-        def fsync(fd):
-            if self.fsync and is_log(fd):
-                raise OSError(errno.EIO, "Input/output error")
-            return real_fsync(fd)
-
-        monkeypatch.setattr(os, "pwrite", pwrite)
-        monkeypatch.setattr(os, "fsync", fsync)
-
-
 @pytest.mark.parametrize("batch", [2, 40], ids=["fits", "rolls"])
 @pytest.mark.parametrize("fault", ["pwrite", "fsync"])
 def test_eio_refuses_the_batch(records_impl, tmp_path, monkeypatch, fault, batch):
-    faults = _Faults(monkeypatch)
+    faults = DiskFaults(monkeypatch)
 
     async def main():
         store = make_store(tmp_path, fsync="always", segment_bytes=4096)
@@ -133,9 +107,9 @@ def test_eio_refuses_the_batch(records_impl, tmp_path, monkeypatch, fault, batch
         first = [b"a%d" % i * 30 for i in range(100)]  # spans several segments
         assert (await _publish_and_wait(writer, topic, first))[2] is None
         size, segments = topic.size_bytes, len(topic.segments)
-        setattr(faults, fault, True)
+        setattr(faults, fault, DiskFaults.ALWAYS)
         base, count, error = await _publish_and_wait(writer, topic, [b"b" * 300] * batch)
-        setattr(faults, fault, False)
+        setattr(faults, fault, 0)
         assert base is None and count == batch and error.errno == errno.EIO
         # Not visible, not in the files, no segment left behind.
         assert (topic.end_offset, topic.next_offset) == (100, 100)

@@ -13,7 +13,8 @@ import pytest
 from broker.storage import LogStore
 import storage_helpers
 from storage_helpers import (
-    append, make_store, publish, publish_records, read_all, segment_files, start_writer)
+    DiskFaults, append, make_store, publish, publish_records, read_all, segment_files,
+    start_writer)
 
 records_impl = storage_helpers.records_impl  # fixture: every test runs with both codecs
 
@@ -267,30 +268,6 @@ def test_records_behind_a_failed_batch_close_the_gap(records_impl, tmp_path, mon
     store.close()
 
 
-class _FailNext:
-    """Makes the next ``fsync`` calls on a segment, and ``ftruncate`` calls, fail with EIO."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.fsync = 0
-        self.ftruncate = 0
-        real_fsync, real_ftruncate = os.fsync, os.ftruncate
-
-        def fsync(fd):
-            if self.fsync and os.readlink("/proc/self/fd/%d" % fd).endswith(".log"):
-                self.fsync -= 1
-                raise OSError(errno.EIO, "Input/output error")
-            return real_fsync(fd)
-
-        def ftruncate(fd, size):
-            if self.ftruncate:
-                self.ftruncate -= 1
-                raise OSError(errno.EIO, "Input/output error")
-            return real_ftruncate(fd, size)
-
-        monkeypatch.setattr(os, "fsync", fsync)
-        monkeypatch.setattr(os, "ftruncate", ftruncate)
-
-
 async def _publish_records_and_wait(writer, topic, msgs):
     """A v1 batch published and stored (or refused): ``(base, count, error)``."""
     fut = asyncio.get_running_loop().create_future()
@@ -306,7 +283,7 @@ def test_loop_offsets_follow_the_disk_after_a_failed_batch(records_impl, tmp_pat
     and the batches after it still get the right offsets on the loop (no
     re-encoding)."""
     from broker.storage.log import TopicLog
-    fail = _FailNext(monkeypatch)
+    fail = DiskFaults(monkeypatch)
     monkeypatch.setattr(TopicLog, "undo", lambda self, result: None)  # a cut-back that failed
 
     async def main():
@@ -334,7 +311,7 @@ def test_refused_batch_is_not_served_when_its_cut_back_fails(records_impl, tmp_p
     """fsync=always: a batch whose fsync fails is refused and cut back; when
     the cut (ftruncate) fails too, it is still taken back in memory, so it
     is never served, and the next append cuts the file before it writes."""
-    fail = _FailNext(monkeypatch)
+    fail = DiskFaults(monkeypatch)
 
     async def main():
         store = make_store(tmp_path, fsync="always", segment_bytes=1 << 20)
@@ -363,7 +340,7 @@ def test_refused_batch_stays_out_after_a_restart(records_impl, tmp_path, monkeyp
     segment is closed for good: at a clean shutdown (nothing appended after
     it), or when the next batch does not fit and the segment is sealed (no
     append to it comes first). After a restart recovery does not find it."""
-    fail = _FailNext(monkeypatch)
+    fail = DiskFaults(monkeypatch)
 
     async def main():
         store = make_store(tmp_path, fsync="always", segment_bytes=4096)
