@@ -8,7 +8,16 @@ the stamps back. No broker logic, no disk, no threads: whatever tail
 latency this shows is the operating system's and the VM's, and the broker's
 own figure can only be read on top of it.
 
+Options add the broker's shape piece by piece: ``--hop thread`` hands
+each chunk to a writer thread that ``pwrite``s it to a file and gives it
+back to the loop (``call_soon_threadsafe``), as the disk thread does;
+``--hop inline`` writes it on the loop; ``--ack`` answers the producer
+for each chunk; ``--work-us N`` spends N microseconds of Python (holding
+the GIL) per chunk on the loop and again on the writer thread, standing
+in for the broker's own work per batch.
+
     python bench/latency_floor.py [--rate 10000] [--seconds 5] [--runs 3]
+                                  [--hop none|thread|inline] [--ack] [--work-us N]
 """
 
 from __future__ import annotations
@@ -19,7 +28,10 @@ import asyncio
 import multiprocessing
 import os
 import socket
+import queue
 import struct
+import tempfile
+import threading
 import time
 
 _TS = struct.Struct(">q")
@@ -34,8 +46,42 @@ def _run(coro):
         asyncio.run(coro)
 
 
-async def _relay(port: int, seconds: float) -> None:
+def _spin(seconds: float) -> None:
+    """Python work holding the GIL (a stand-in for the broker's own)."""
+    if seconds:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+
+async def _relay(port: int, seconds: float, hop: str, ack: bool, work: float) -> None:
     out = {}
+    loop = asyncio.get_running_loop()
+    fd, path = tempfile.mkstemp(prefix="latency-floor-")
+    os.unlink(path)
+    end = [0]
+    jobs: queue.Queue = queue.Queue(maxsize=10_000)  # a few ms of chunks at most
+
+    def store(data) -> None:
+        os.pwrite(fd, data, end[0])
+        end[0] += len(data)
+
+    def forward(data, producer) -> None:
+        consumer = out.get("c")
+        if consumer is not None:
+            consumer.write(data)
+        if ack:
+            producer.write(b"A")
+
+    def writer() -> None:
+        while True:
+            data, producer = jobs.get()
+            _spin(work)
+            store(data)
+            loop.call_soon_threadsafe(forward, data, producer)
+
+    if hop == "thread":
+        threading.Thread(target=writer, daemon=True).start()
 
     class Relay(asyncio.Protocol):
         def connection_made(self, transport):
@@ -45,13 +91,20 @@ async def _relay(port: int, seconds: float) -> None:
             if "c" not in out and data[:1] == b"C":
                 out["c"] = self.transport
                 data = data[1:]
-            consumer = out.get("c")
-            if consumer is not None and data:
-                consumer.write(data)
+            if not data or "c" not in out:
+                return
+            _spin(work)
+            if hop == "thread":
+                jobs.put_nowait((data, self.transport))
+                return
+            if hop == "inline":
+                store(data)
+            forward(data, self.transport)
 
-    server = await asyncio.get_running_loop().create_server(Relay, "127.0.0.1", port)
+    server = await loop.create_server(Relay, "127.0.0.1", port)
     await asyncio.sleep(seconds + 5)
     server.close()
+    os.close(fd)
 
 
 async def _consumer(port: int, seconds: float, q) -> None:
@@ -76,7 +129,13 @@ async def _consumer(port: int, seconds: float, q) -> None:
 
 
 async def _producer(port: int, rate: float, seconds: float) -> None:
-    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def read_acks() -> None:  # --ack: read them as a client reads its ACKs
+        while await reader.read(1 << 16):
+            pass
+
+    acks = asyncio.get_running_loop().create_task(read_acks())
     pad = os.urandom(_SIZE - 8)
     await asyncio.sleep(0.5)
     t0 = time.monotonic()
@@ -89,6 +148,7 @@ async def _producer(port: int, rate: float, seconds: float) -> None:
             sent += due
         await asyncio.sleep(max(0.0, max(t0 + (sent + 1) / rate, now + 0.001) - time.monotonic()))
     await writer.drain()
+    acks.cancel()
 
 
 def _free_port() -> int:
@@ -97,12 +157,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def one_run(rate: float, seconds: float) -> list[float]:
+def one_run(rate: float, seconds: float, hop: str = "none", ack: bool = False,
+            work_us: float = 0.0) -> list[float]:
     """Latencies in ms of one run (every message)."""
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
     q = ctx.Queue()
-    relay = ctx.Process(target=_run_relay, args=(port, seconds))
+    relay = ctx.Process(target=_run_relay, args=(port, seconds, hop, ack, work_us / 1e6))
     relay.start()
     time.sleep(0.5)
     consumer = ctx.Process(target=_run_consumer, args=(port, seconds, q))
@@ -119,8 +180,8 @@ def one_run(rate: float, seconds: float) -> list[float]:
     return sorted(x / 1e6 for x in lat)
 
 
-def _run_relay(port, seconds):
-    _run(_relay(port, seconds))
+def _run_relay(port, seconds, hop, ack, work):
+    _run(_relay(port, seconds, hop, ack, work))
 
 
 def _run_consumer(port, seconds, q):
@@ -136,11 +197,18 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=10_000, help="messages/s (default 10000)")
     ap.add_argument("--seconds", type=float, default=5.0, help="seconds per run (default 5)")
     ap.add_argument("--runs", type=int, default=3, help="runs (default 3)")
+    ap.add_argument("--hop", choices=("none", "thread", "inline"), default="none",
+                    help="write each chunk to a file: on a writer thread and back, or on "
+                         "the loop (default: none, a bare relay)")
+    ap.add_argument("--ack", action="store_true", help="answer the producer for each chunk")
+    ap.add_argument("--work-us", type=float, default=0.0,
+                    help="microseconds of Python per chunk on the loop and on the writer "
+                         "thread (default 0)")
     args = ap.parse_args()
     print("| run | messages | p50 ms | p99 ms | p99.9 ms | max ms |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for i in range(args.runs):
-        ls = one_run(args.rate, args.seconds)
+        ls = one_run(args.rate, args.seconds, args.hop, args.ack, args.work_us)
         n = len(ls)
         if not n:
             print("| %d | 0 | - | - | - | - |" % (i + 1))

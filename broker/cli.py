@@ -60,6 +60,11 @@ def main() -> None:
               default=_DEFAULTS.tail_cache_bytes, show_default=True, show_envvar=True,
               help="Memory for the newest batches, served to consumers that keep up without "
                    "reading the disk (0: off).")
+@click.option("--inline-write-bytes", envvar="PYLOGSTREAMS_INLINE_WRITE_BYTES", type=click.IntRange(0),
+              default=_DEFAULTS.inline_write_bytes, show_default=True, show_envvar=True,
+              help="A write job up to this size is written on the event loop when the disk "
+                   "thread is idle, saving two thread wake-ups of latency (0: always the "
+                   "disk thread).")
 @click.option("--max-connections", envvar="PYLOGSTREAMS_MAX_CONNECTIONS", type=click.IntRange(1),
               default=_DEFAULTS.max_connections, show_default=True, show_envvar=True,
               help="Connections at once; more are closed on accept.")

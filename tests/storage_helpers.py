@@ -134,13 +134,18 @@ def make_store(path, clock=None, **config) -> LogStore:
 
 async def start_writer(store, *, fsync: str | None = None, fsync_interval_ms: int | None = None,
                        on_written=None, high_water: int = 64 << 20,
-                       low_water: int = 16 << 20) -> DiskWriter:
-    """A running DiskWriter for ``store`` on the current loop."""
+                       low_water: int = 16 << 20, inline_write_bytes: int | None = None) -> DiskWriter:
+    """A running DiskWriter for ``store`` on the current loop.
+
+    ``inline_write_bytes=0`` sends every job to the disk thread (tests that
+    hold a write there while the loop goes on).
+    """
     cfg = store.config
     writer = DiskWriter(
         asyncio.get_running_loop(), store.offsets, fsync=fsync or cfg.fsync,
         fsync_interval_ms=fsync_interval_ms or cfg.fsync_interval_ms, high_water=high_water,
-        low_water=low_water, on_written=on_written or (lambda topic: None), store=store)
+        low_water=low_water, on_written=on_written or (lambda topic: None), store=store,
+        inline_write_bytes=inline_write_bytes)
     writer.start()
     return writer
 

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -229,7 +230,8 @@ def test_records_behind_a_failed_batch_close_the_gap(records_impl, tmp_path, mon
 
     async def main():
         store = make_store(tmp_path, segment_bytes=1 << 20)
-        writer = await start_writer(store)
+        # F's write is held on the disk thread while the loop queues B.
+        writer = await start_writer(store, inline_write_bytes=0)
         topic = store.get_or_create("t")
         loop = asyncio.get_running_loop()
         results = {}
@@ -606,15 +608,14 @@ class JobSpy:
         self.jobs = []
         self.arrived = asyncio.Event()
         loop = asyncio.get_running_loop()
-        real = writer._queue.put_nowait
+        real = writer._submit
 
-        def put_nowait(job):
-            if hasattr(job, "offsets"):
-                self.jobs.append((loop.time(), job))
-                self.arrived.set()
+        def submit(job):
+            self.jobs.append((loop.time(), job))
+            self.arrived.set()
             real(job)
 
-        writer._queue.put_nowait = put_nowait
+        writer._submit = submit
 
 
 def _commit_then(tmp_path, offset: int, scenario):
@@ -684,3 +685,156 @@ def test_flush_writes_committed_offsets_at_once(tmp_path):
         return when - t0
 
     assert _commit_then(tmp_path, 9, scenario) < writer_mod._OFFSETS_DELAY
+
+
+# -- small jobs written on the loop (inline_write_bytes) -------------------------
+
+
+class WriterThreads:
+    """Records which thread each ``pwrite`` to a segment log ran on."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.names: list[str] = []
+        real = os.pwrite
+
+        def pwrite(fd, data, pos):
+            if os.readlink("/proc/self/fd/%d" % fd).endswith(".log"):
+                self.names.append(threading.current_thread().name)
+            return real(fd, data, pos)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+
+
+def _stored(loop):
+    fut = loop.create_future()
+    return fut, lambda base, count, exc: fut.set_result((base, count, exc))
+
+
+def test_a_small_job_is_written_on_the_loop(records_impl, tmp_path, monkeypatch):
+    """With the disk thread idle, a small batch to a topic already on disk is
+    written by the loop itself: stored, acknowledged, readable, counted."""
+    threads = WriterThreads(monkeypatch)
+
+    async def main():
+        store = make_store(tmp_path, segment_bytes=1 << 20)
+        writer = await start_writer(store)
+        topic = store.get_or_create("t")
+        loop = asyncio.get_running_loop()
+        first, on_first = _stored(loop)
+        publish(writer, topic, [b"a0", b"a1"], on_first)  # makes the topic's files: disk thread
+        assert await asyncio.wait_for(first, 10) == (0, 2, None)
+        second, on_second = _stored(loop)
+        publish_records(writer, topic, [b"b0", b"b1", b"b2"], on_second)
+        assert await asyncio.wait_for(second, 10) == (2, 3, None)
+        assert writer.stats["inline_writes"] == 1
+        assert [r[2] for r in read_all(topic)] == [b"a0", b"a1", b"b0", b"b1", b"b2"]
+        assert (topic.next_offset, topic.end_offset, topic.unwritten) == (5, 5, 0)
+        await writer.close()
+        store.close()
+
+    asyncio.run(main())
+    assert threads.names == ["pylogstreams-disk", "MainThread"]
+    store = make_store(tmp_path, segment_bytes=1 << 20)
+    assert [r[2] for r in read_all(store.get_or_create("t"))] == [b"a0", b"a1", b"b0", b"b1", b"b2"]
+    store.close()
+
+
+@pytest.mark.parametrize("case", ["fsync_always", "too_big", "turned_off", "rolls"])
+def test_jobs_that_may_wait_go_to_the_disk_thread(tmp_path, monkeypatch, case):
+    """fsync=always, a job over inline_write_bytes, inline_write_bytes=0 and a
+    write that would roll the segment are the disk thread's, even when idle."""
+    threads = WriterThreads(monkeypatch)
+
+    async def main():
+        store = make_store(tmp_path, segment_bytes=64 << 10 if case == "rolls" else 1 << 20)
+        writer = await start_writer(
+            store, fsync="always" if case == "fsync_always" else None,
+            inline_write_bytes={"too_big": 4096, "turned_off": 0}.get(case))
+        topic = store.get_or_create("t")
+        loop = asyncio.get_running_loop()
+        size = {"too_big": 5000, "rolls": 40_000}.get(case, 10)
+        for i in range(2):
+            done, on_stored = _stored(loop)
+            publish(writer, topic, [bytes([65 + i]) * size], on_stored)
+            assert (await asyncio.wait_for(done, 10))[2] is None
+        assert writer.stats["inline_writes"] == 0
+        await writer.close()
+        store.close()
+
+    asyncio.run(main())
+    assert threads.names and set(threads.names) == {"pylogstreams-disk"}
+
+
+def test_the_loop_wakes_the_idle_disk_thread_for_the_fsync(tmp_path, monkeypatch):
+    """Data written on the loop is fsynced within the interval even though
+    the disk thread, with nothing dirty, was waiting without a deadline."""
+    spy = FsyncSpy(monkeypatch)
+
+    async def main():
+        store = make_store(tmp_path, segment_bytes=1 << 20, checkpoint_interval_ms=3_600_000)
+        writer = await start_writer(store, fsync="interval", fsync_interval_ms=50)
+        topic = store.get_or_create("t")
+        loop = asyncio.get_running_loop()
+        first, on_first = _stored(loop)
+        publish(writer, topic, [b"a"], on_first)
+        await asyncio.wait_for(first, 10)
+        log_path = topic.active.log_path
+        deadline = loop.time() + 10
+        while spy.synced.get(log_path, 0) < topic.active.size and loop.time() < deadline:
+            await asyncio.sleep(0.01)  # the first fsync round (disk thread's timer)
+        assert spy.synced[log_path] == topic.active.size
+        def idle() -> bool:  # nothing dirty: the thread's next wake is the hourly checkpoint
+            due = writer._thread_due
+            return due is None or due > time.monotonic() + 60
+
+        while not idle() and loop.time() < deadline:
+            await asyncio.sleep(0.01)  # the round is applied
+        assert idle()
+        second, on_second = _stored(loop)
+        publish(writer, topic, [b"b" * 100], on_second)
+        await asyncio.wait_for(second, 10)
+        assert writer.stats["inline_writes"] == 1
+        written = loop.time()
+        while spy.synced.get(log_path, 0) < topic.active.size and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        assert spy.synced[log_path] == topic.active.size, "written on the loop, never fsynced"
+        assert loop.time() - written < 5
+        await writer.close()
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_a_failed_write_on_the_loop_is_refused_whole(records_impl, tmp_path, monkeypatch):
+    """EIO in a write on the loop: the batch is refused and cut back, the
+    next one takes its offsets, and nothing refused is ever read."""
+    faults = DiskFaults(monkeypatch)
+    threads = WriterThreads(monkeypatch)
+
+    async def main():
+        store = make_store(tmp_path, segment_bytes=1 << 20)
+        writer = await start_writer(store)
+        topic = store.get_or_create("t")
+        loop = asyncio.get_running_loop()
+        first, on_first = _stored(loop)
+        publish(writer, topic, [b"a"], on_first)
+        assert await asyncio.wait_for(first, 10) == (0, 1, None)
+        faults.pwrite = 1
+        failed, on_failed = _stored(loop)
+        publish_records(writer, topic, [b"lost0", b"lost1"], on_failed)
+        base, count, exc = await asyncio.wait_for(failed, 10)
+        assert (base, count, exc.errno) == (None, 2, errno.EIO)
+        last, on_last = _stored(loop)
+        publish_records(writer, topic, [b"c"], on_last)
+        assert await asyncio.wait_for(last, 10) == (1, 1, None)
+        assert writer.stats["inline_writes"] == 2 and writer.stats["write_errors"] == 1
+        assert [r[2] for r in read_all(topic)] == [b"a", b"c"]
+        assert (topic.next_offset, topic.end_offset, topic.unwritten) == (2, 2, 0)
+        await writer.close()
+        store.close()
+
+    asyncio.run(main())
+    assert threads.names[1:] == ["MainThread", "MainThread"]
+    store = make_store(tmp_path, segment_bytes=1 << 20)
+    assert [r[2] for r in read_all(store.get_or_create("t"))] == [b"a", b"c"]
+    store.close()

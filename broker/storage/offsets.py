@@ -150,11 +150,15 @@ class OffsetStore:
         self._size += len(data)
         self._persisted.update(changes)
         self._records += len(changes)
-        if self._records > max(_COMPACT_MIN, 4 * len(self._persisted)):
+        if self.would_compact(0):
             try:
                 self.compact()
             except OSError as exc:  # the journal is intact: compact another time
                 log.error("offsets journal compaction failed: %s", exc)
+
+    def would_compact(self, changes: int) -> bool:
+        """Writing ``changes`` entries would compact the journal (an fsync)."""
+        return self._records + changes > max(_COMPACT_MIN, 4 * len(self._persisted))
 
     def compact(self) -> None:
         """Replace the journal by a snapshot of the live entries.

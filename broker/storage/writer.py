@@ -43,8 +43,14 @@ Retention runs on a loop timer: it drops expired segments from their topics
 (in the loop, so no reader can reach them any more) and hands their files
 to the disk thread, which drops their cached pages and deletes them.
 
-Bounds: two jobs with the disk thread at most (the queue has ``maxsize=3``:
-two jobs and the syncer's wake-up).
+A small job (``inline_write_bytes``) that arrives while the disk thread
+is idle is written by the loop itself, holding ``_disk_lock`` (the disk
+thread holds it while it works): two thread wake-ups less per batch at
+low rates. Anything that may wait for the disk stays with the disk
+thread (:meth:`DiskWriter._write_here`).
+
+Bounds: two jobs with the disk thread at most (the queue has ``maxsize=4``:
+two jobs, the syncer's wake-up and the loop's).
 The loop submits a job when none is in flight; only under load (1 MiB or
 more waiting) does it queue a second one behind it, so that the disk
 thread moves straight on to it. The loop gives each batch its offsets
@@ -76,6 +82,7 @@ from . import checkpoint as checkpoint_file
 from .fileio import fsync_dir
 from .log import TopicLog
 from .offsets import OffsetStore
+from .segment import WRITEBACK_BYTES
 from .topicconfig import TopicConfig
 
 __all__ = ["DiskWriter"]
@@ -85,6 +92,7 @@ log = logging.getLogger(__name__)
 _U64 = struct.Struct(">Q")  # a record's offset field, at byte 8
 _STOP = object()
 _WAKE = object()           # the syncer finished a round: take its results in
+_LOOP_WAKE = object()      # the loop wrote something due earlier than the thread's wait
 _RECORD_OVERHEAD = 24     # record header bytes per message (broker/_pure/records.py)
 _MAX_CALLS = 256          # disk calls waiting for the disk thread, at most
 _RETENTION_SLICE = 256    # topics checked per loop callback by the retention timer
@@ -123,7 +131,8 @@ class DiskWriter:
                  on_written: Callable[[TopicLog], None], store=None,
                  clock: Callable[[], float] | None = None,
                  checkpoint_interval_ms: int | None = None,
-                 retention_check_interval_ms: int | None = None) -> None:
+                 retention_check_interval_ms: int | None = None,
+                 inline_write_bytes: int | None = None) -> None:
         self._loop = loop
         self._offsets = offsets
         self._store = store                          # LogStore: checkpoints, retention, configs
@@ -139,6 +148,9 @@ class DiskWriter:
             checkpoint_interval_ms = cfg.checkpoint_interval_ms if cfg else 10_000
         if retention_check_interval_ms is None:
             retention_check_interval_ms = cfg.retention_check_interval_ms if cfg else 0
+        if inline_write_bytes is None:
+            inline_write_bytes = cfg.inline_write_bytes if cfg else 0
+        self._inline_max = inline_write_bytes       # jobs up to this size may be written on the loop
         self._checkpoint_every = checkpoint_interval_ms / 1000.0
         self._retention_every = retention_check_interval_ms / 1000.0
         self._pending: dict[TopicLog, list] = {}     # topic -> message lists not yet submitted
@@ -154,8 +166,16 @@ class DiskWriter:
         self._kick_handle: asyncio.Handle | None = None  # _kick scheduled for this iteration
         self._offsets_handle: asyncio.TimerHandle | None = None  # offsets-only job, later
         self._offsets_due = False     # committed offsets have waited long enough: write them
-        # At most two jobs (_in_flight <= 2) and one _WAKE: never full.
-        self._queue: queue.Queue = queue.Queue(maxsize=3)
+        # At most two jobs (_in_flight <= 2), one _WAKE and one _LOOP_WAKE:
+        # never full.
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._closing = False                        # close() began: nothing more is written here
+        # The disk thread's state (everything below, the segments and the
+        # offsets journal) belongs to whoever holds this lock: the disk
+        # thread while it works, or the loop for a write of its own.
+        self._disk_lock = threading.Lock()
+        self._thread_due: float | None = None        # when the idle disk thread wakes by itself
+        self._loop_wake = False                      # a _LOOP_WAKE is in the queue
         # Disk thread state.
         self._dirty: dict = {}                       # item -> fsync deadline (monotonic)
         self._sync_due = float("inf")                # earliest deadline in _dirty
@@ -174,7 +194,7 @@ class DiskWriter:
         self._syncer = threading.Thread(target=self._run_syncer, name="pylogstreams-sync",
                                         daemon=True)
         self.stats = store.stats if store is not None else {}
-        for key in ("batches", "messages", "bytes", "fsyncs", "fsync_errors", "write_errors",
+        for key in ("batches", "messages", "bytes", "inline_writes", "fsyncs", "fsync_errors", "write_errors",
                     "segments_deleted", "bytes_deleted", "checkpoints", "checkpoint_errors",
                     "retention_runs"):
             self.stats.setdefault(key, 0)
@@ -338,6 +358,7 @@ class DiskWriter:
             self._offsets_handle.cancel()
             self._offsets_handle = None
         self._clean_stop = clean
+        self._closing = True
         if self._thread.is_alive():
             self._queue.put(_STOP)
             await self._loop.run_in_executor(None, self._thread.join)
@@ -404,7 +425,67 @@ class DiskWriter:
         self._want_checkpoint = False
         self._in_flight += 1
         self._flight_bytes += nbytes
+        self._submit(job)
+
+    def _submit(self, job: _Job) -> None:
+        """Hand ``job`` to the disk thread, or write it here (:meth:`_write_here`)."""
+        if self._in_flight == 1 and job.nbytes <= self._inline_max and not self._closing \
+                and not (job.deletes or job.calls or job.checkpoint) and self._write_here(job):
+            return
         self._queue.put_nowait(job)
+
+    def _write_here(self, job: _Job) -> bool:
+        """Write a small job on the loop, if the disk thread is idle; False if not done.
+
+        Handing a job over costs two thread wake-ups (there and back), and
+        on a machine whose idle CPUs are slow to wake those are the tail of
+        the latency at low rates. A job of at most ``inline_write_bytes`` is
+        one ``pwrite`` into the page cache, the same cost as the hand-over:
+        it is written here when nothing can make it block longer. Anything
+        that may wait for the disk goes to the disk thread: fsync=always, a
+        segment roll (sealing fsyncs), a topic's first write, the start of a
+        writeback (``sync_file_range``), an offsets journal compaction or
+        retry, deletions, disk calls and checkpoints. Under load the disk
+        thread is busy (``_in_flight``) and every job goes to it.
+        """
+        if not self._disk_lock.acquire(False):
+            return False  # the disk thread is at work (timed work or stopping)
+        try:
+            if not self._may_write_here(job):
+                return False
+            try:
+                self._write(job)
+            except BaseException:
+                log.exception("unexpected error writing on the loop")
+                self._abandon(job)
+            self.stats["inline_writes"] += 1
+            # Data now waits for an fsync (or a checkpoint) that the idle
+            # disk thread may not be timing yet: wake it to.
+            due = self._next_deadline()
+            if due is not None and not self._loop_wake \
+                    and (self._thread_due is None or due < self._thread_due):
+                self._loop_wake = True
+                self._queue.put_nowait(_LOOP_WAKE)
+        finally:
+            self._disk_lock.release()
+        self._loop.call_soon(self._done, job)
+        return True
+
+    def _may_write_here(self, job: _Job) -> bool:
+        """Nothing in ``job`` can wait for the disk (under ``_disk_lock``)."""
+        if self._fsync == "always" or self._offsets_retry \
+                or (job.offsets and self._offsets.would_compact(len(job.offsets))):
+            return False
+        for topic, _parts, count in job.appends:
+            if not count:
+                continue
+            seg = topic.active
+            if not topic.materialized or topic.config.fsync == "always" or seg.uncut:
+                return False
+            end = seg.size + job.nbytes + count * _RECORD_OVERHEAD  # at most
+            if end > topic.config.segment_bytes or end - seg.written_back >= WRITEBACK_BYTES:
+                return False
+        return True
 
     def _done(self, job: _Job) -> None:
         self._in_flight -= 1
@@ -507,43 +588,49 @@ class DiskWriter:
 
     def _run(self) -> None:
         q = self._queue
+        lock = self._disk_lock
         while True:
-            timeout = self._next_deadline()
-            if timeout is not None:
-                timeout = max(0.0, timeout - time.monotonic())
+            with lock:
+                due = self._thread_due = self._next_deadline()
+            timeout = None if due is None else max(0.0, due - time.monotonic())
             try:
                 job = q.get(timeout=timeout)
             except queue.Empty:
-                try:
-                    self._timed_work()  # an fsync or checkpoint deadline passed
-                except BaseException:  # a bug must not kill the disk thread
-                    log.exception("disk thread: unexpected error")
-                continue
-            if job is _WAKE:
-                try:
-                    self._timed_work()  # takes the round's results in
-                except BaseException:
-                    log.exception("disk thread: unexpected error")
-                continue
-            if job is _STOP:
-                if self._clean_stop:
-                    self._stop_work()
-                else:
-                    self._stop_syncer()
-                return
+                job = _WAKE  # an fsync or checkpoint deadline passed
+            with lock:
+                if self._work(job):
+                    return
+
+    def _work(self, job) -> bool:
+        """Disk thread, under ``_disk_lock``: one item from the queue; True at _STOP."""
+        if job is _WAKE or job is _LOOP_WAKE:
+            if job is _LOOP_WAKE:
+                self._loop_wake = False
             try:
-                self._write(job)
-            except BaseException:  # never leave the loop waiting forever
+                self._timed_work()  # a deadline passed, or the syncer's results are in
+            except BaseException:  # a bug must not kill the disk thread
                 log.exception("disk thread: unexpected error")
-                self._abandon(job)
-            self._loop.call_soon_threadsafe(self._done, job)
-            # A due interval fsync or checkpoint runs after the job is
-            # reported: under fsync=interval it doesn't gate delivery, so it
-            # mustn't add its latency to the batch that happened to be last.
-            try:
-                self._timed_work()
-            except BaseException:
-                log.exception("disk thread: unexpected error")
+            return False
+        if job is _STOP:
+            if self._clean_stop:
+                self._stop_work()
+            else:
+                self._stop_syncer()
+            return True
+        try:
+            self._write(job)
+        except BaseException:  # never leave the loop waiting forever
+            log.exception("disk thread: unexpected error")
+            self._abandon(job)
+        self._loop.call_soon_threadsafe(self._done, job)
+        # A due interval fsync or checkpoint runs after the job is
+        # reported: under fsync=interval it doesn't gate delivery, so it
+        # mustn't add its latency to the batch that happened to be last.
+        try:
+            self._timed_work()
+        except BaseException:
+            log.exception("disk thread: unexpected error")
+        return False
 
     def _abandon(self, job: _Job) -> None:
         """A job broke off: take back appends not yet fsynced under fsync=always.
