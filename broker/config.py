@@ -38,7 +38,7 @@ class Config:
     # A write job up to this size, when the disk thread is idle, is written
     # on the event loop (one pwrite into the page cache) instead of being
     # handed over (two thread wake-ups); 0: always the disk thread.
-    inline_write_bytes: int = 256 * 1024
+    inline_write_bytes: int = 64 * 1024
     # The newest record batches, kept in memory for consumers that keep up
     # (broker/storage/tailcache.py); broker-wide, 0 turns it off.
     tail_cache_bytes: int = 32 * 1024 * 1024
