@@ -448,6 +448,45 @@ def test_stalled_disk_does_not_time_out_paused_producers(tmp_path):
             gate.set()  # before the broker stops: its disk thread waits on it
 
 
+def test_a_publish_read_in_pieces_counts_whole_for_flow_control(tmp_path):
+    """Flow control counts what a batch keeps in memory until it is written:
+    a 600 KB ``PUB`` that reaches the broker in 4 KB reads counts 600 KB,
+    not the last read."""
+    from broker.config import Config
+
+    cfg = Config(host=HOST, port=0, data_dir=str(tmp_path / "data"), fsync="never",
+                 inline_write_bytes=0)
+    gate = threading.Event()
+    with broker_on_stdlib_loop(cfg) as (broker, call):
+        real_write = broker.writer._write
+
+        def stalled_write(job):
+            gate.wait(30)  # the disk hangs: the batch stays counted
+            real_write(job)
+
+        broker.writer._write = stalled_write
+
+        async def pending():
+            return broker.writer.pending_bytes
+
+        try:
+            with V1Conn(broker.port, timeout=10) as c:
+                c.hello()
+                data = frame(b"PUB", 7, pub("pieces", [b"x" * 600_000]))
+                for i in range(0, len(data), 4096):
+                    c.send_raw(data[i:i + 4096])
+                    time.sleep(0.0005)  # separate reads, most of them
+                deadline = time.monotonic() + 10
+                while call(pending()) == 0 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert call(pending()) >= 600_000
+                gate.set()
+                kind, _rid, _body = c.reply(7, timeout=20)
+                assert kind == b"ACK"
+        finally:
+            gate.set()
+
+
 def test_stdlib_loop_deliveries_keep_flow_control(tmp_path, monkeypatch):
     """On a stdlib asyncio loop (no uvloop) a tail-cache batch goes out as
     two ``transport.write`` calls, never ``writelines``, which in Python

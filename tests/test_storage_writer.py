@@ -838,3 +838,172 @@ def test_a_failed_write_on_the_loop_is_refused_whole(records_impl, tmp_path, mon
     store = make_store(tmp_path, segment_bytes=1 << 20)
     assert [r[2] for r in read_all(store.get_or_create("t"))] == [b"a", b"c"]
     store.close()
+
+
+def test_a_job_undercounted_by_its_connection_is_measured(tmp_path, monkeypatch):
+    """The size a connection counts for flow control is not what a batch
+    takes on disk: the loop measures the records before writing them itself,
+    and a batch that rolls the segment is the disk thread's (sealing fsyncs)."""
+    threads = WriterThreads(monkeypatch)
+    fsyncs = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        fsyncs.append(threading.current_thread().name)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    async def main():
+        store = make_store(tmp_path, segment_bytes=64 << 10)
+        writer = await start_writer(store)
+        topic = store.get_or_create("t")
+        loop = asyncio.get_running_loop()
+        first, on_first = _stored(loop)
+        publish(writer, topic, [b"A" * 40_000], on_first)
+        await asyncio.wait_for(first, 10)
+        fsyncs.clear()
+        second, on_second = _stored(loop)
+        topic.next_offset += 1
+        writer.append(topic, [b"B" * 40_000], 50, on_stored=on_second)  # counted 50 bytes
+        assert (await asyncio.wait_for(second, 10))[2] is None
+        assert len(topic.segments) == 2 and writer.stats["inline_writes"] == 0
+        await writer.close()
+        store.close()
+
+    asyncio.run(main())
+    assert fsyncs and "MainThread" not in fsyncs and "MainThread" not in threads.names
+
+
+def test_files_are_opened_by_the_disk_thread(tmp_path, monkeypatch):
+    """A segment whose descriptors the write cache closed is reopened (and
+    another one evicted) by the disk thread, not by a write on the loop."""
+    opened = []
+    real_open = os.open
+
+    def traced(path, *args, **kwargs):
+        if str(path).endswith((".log", ".index")):
+            opened.append(threading.current_thread().name)
+        return real_open(path, *args, **kwargs)
+
+    async def main():
+        store = make_store(tmp_path, segment_bytes=1 << 20, max_open_writers=1)
+        writer = await start_writer(store)
+        a, b = store.get_or_create("a"), store.get_or_create("b")
+        for topic in (a, b):
+            publish(writer, topic, [b"x"])
+            await writer.flush()
+        monkeypatch.setattr(os, "open", traced)
+        for topic in (a, b, a, b):
+            publish(writer, topic, [b"y"])
+            await writer.flush()
+        await writer.close()
+        store.close()
+
+    asyncio.run(main())
+    assert opened and "MainThread" not in opened
+
+
+def test_the_disk_threads_queue_never_overflows(tmp_path):
+    """Wake-ups are coalesced: whatever the syncer's rounds, the loop's
+    writes and the double-buffered jobs, the disk thread's queue (two jobs,
+    one syncer wake-up, one loop wake-up) never refuses an item."""
+    import queue as queue_mod
+    import random
+
+    async def main():
+        store = make_store(tmp_path, segment_bytes=256 << 20, checkpoint_interval_ms=1)
+        writer = await start_writer(store, fsync="interval", fsync_interval_ms=1)
+        refused = []
+        real_put = writer._queue.put_nowait
+
+        def put_nowait(item):
+            try:
+                real_put(item)
+            except queue_mod.Full:
+                refused.append(item)
+                raise
+
+        writer._queue.put_nowait = put_nowait
+        topics = [store.get_or_create("t%d" % i) for i in range(8)]
+        for topic in topics:
+            publish(writer, topic, [b"x"])
+        await writer.flush()
+        rnd = random.Random(5)
+        end = time.monotonic() + 4
+        while time.monotonic() < end and not refused:
+            if rnd.random() < 0.02:  # a backlog over 1 MiB: a second job queued
+                for _ in range(12):
+                    publish(writer, rnd.choice(topics), [b"B" * 100_000])
+            else:
+                publish(writer, rnd.choice(topics), [b"s" * 200])
+            await asyncio.sleep(0)
+            while writer.pending_bytes > (4 << 20):
+                await asyncio.sleep(0.001)
+        assert not refused
+        await asyncio.wait_for(writer.flush(), 10)
+        assert writer.stats["inline_writes"] > 0
+        await writer.close()
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_the_syncers_wake_ups_are_coalesced(tmp_path):
+    """However many rounds end before the disk thread takes their wake-up,
+    one waits in its queue: the queue that jobs are put in without waiting
+    (two jobs, one syncer wake-up, one loop wake-up) cannot fill up."""
+    from broker.storage.writer import DiskWriter
+
+    async def main():
+        store = make_store(tmp_path)
+        writer = DiskWriter(asyncio.get_running_loop(), store.offsets, fsync="interval",
+                            fsync_interval_ms=1000, high_water=1 << 20, low_water=1 << 18,
+                            on_written=lambda topic: None, store=store)  # not started
+        for _ in range(5):
+            writer._wake_for_results()
+        assert writer._queue.qsize() == 1
+        assert writer._work(writer._queue.get_nowait()) is False  # the disk thread takes it
+        writer._wake_for_results()
+        writer._wake_for_results()
+        assert writer._queue.qsize() == 1
+        store.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("case", ["topic_always", "writeback", "compaction"])
+def test_more_jobs_that_may_wait_go_to_the_disk_thread(tmp_path, monkeypatch, case):
+    """A topic set to fsync=always, a write that starts a writeback
+    (``sync_file_range`` every 4 MiB) and a write of the offsets journal
+    that compacts it (an fsync) are the disk thread's, even when it is idle
+    and the job small."""
+    from broker.storage.segment import WRITEBACK_BYTES
+
+    threads = WriterThreads(monkeypatch)
+
+    async def main():
+        store = make_store(tmp_path, segment_bytes=64 << 20)
+        writer = await start_writer(store)
+        if case == "topic_always":
+            await writer.set_topic_config("t", fsync="always")
+        topic = store.get_or_create("t")
+        loop = asyncio.get_running_loop()
+        first = [b"a" * (WRITEBACK_BYTES - 30_000)] if case == "writeback" else [b"a"]
+        done, on_stored = _stored(loop)
+        publish(writer, topic, first, on_stored)  # the topic's first write: disk thread
+        await asyncio.wait_for(done, 10)
+        if case == "compaction":
+            store.offsets.set(b"client", "t", 1)
+            store.offsets._records = 1 << 20  # the journal is due for compaction
+            writer.offsets_changed()
+        threads.names.clear()
+        done, on_stored = _stored(loop)
+        publish(writer, topic, [b"b" * 40_000], on_stored)
+        assert (await asyncio.wait_for(done, 10))[2] is None
+        assert writer.stats["inline_writes"] == 0
+        await writer.close()
+        store.close()
+
+    asyncio.run(main())
+    assert threads.names == ["pylogstreams-disk"]

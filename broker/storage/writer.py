@@ -92,6 +92,7 @@ log = logging.getLogger(__name__)
 _U64 = struct.Struct(">Q")  # a record's offset field, at byte 8
 _STOP = object()
 _WAKE = object()           # the syncer finished a round: take its results in
+_TIMEOUT = object()        # (not queued) the disk thread's wait for a deadline ended
 _LOOP_WAKE = object()      # the loop wrote something due earlier than the thread's wait
 _RECORD_OVERHEAD = 24     # record header bytes per message (broker/_pure/records.py)
 _MAX_CALLS = 256          # disk calls waiting for the disk thread, at most
@@ -176,6 +177,7 @@ class DiskWriter:
         self._disk_lock = threading.Lock()
         self._thread_due: float | None = None        # when the idle disk thread wakes by itself
         self._loop_wake = False                      # a _LOOP_WAKE is in the queue
+        self._wake_queued = False                    # the syncer's _WAKE is in the queue
         # Disk thread state.
         self._dirty: dict = {}                       # item -> fsync deadline (monotonic)
         self._sync_due = float("inf")                # earliest deadline in _dirty
@@ -443,10 +445,12 @@ class DiskWriter:
         one ``pwrite`` into the page cache, the same cost as the hand-over:
         it is written here when nothing can make it block longer. Anything
         that may wait for the disk goes to the disk thread: fsync=always, a
-        segment roll (sealing fsyncs), a topic's first write, the start of a
-        writeback (``sync_file_range``), an offsets journal compaction or
-        retry, deletions, disk calls and checkpoints. Under load the disk
-        thread is busy (``_in_flight``) and every job goes to it.
+        segment roll (sealing fsyncs), a topic's first write, files to
+        reopen (the write cache closed them), the start of a writeback
+        (``sync_file_range``), an offsets journal compaction or retry,
+        deletions, disk calls and checkpoints. The size is measured
+        from the records (flow control's count is not it). Under load the
+        disk thread is busy (``_in_flight``) and every job goes to it.
         """
         if not self._disk_lock.acquire(False):
             return False  # the disk thread is at work (timed work or stopping)
@@ -455,7 +459,7 @@ class DiskWriter:
                 return False
             try:
                 self._write(job)
-            except BaseException:
+            except Exception:  # as on the disk thread; a KeyboardInterrupt is the loop's own
                 log.exception("unexpected error writing on the loop")
                 self._abandon(job)
             self.stats["inline_writes"] += 1
@@ -464,8 +468,11 @@ class DiskWriter:
             due = self._next_deadline()
             if due is not None and not self._loop_wake \
                     and (self._thread_due is None or due < self._thread_due):
-                self._loop_wake = True
-                self._queue.put_nowait(_LOOP_WAKE)
+                try:
+                    self._queue.put_nowait(_LOOP_WAKE)
+                    self._loop_wake = True
+                except queue.Full:  # the thread has items to take: it recomputes its wait
+                    pass
         finally:
             self._disk_lock.release()
         self._loop.call_soon(self._done, job)
@@ -476,13 +483,24 @@ class DiskWriter:
         if self._fsync == "always" or self._offsets_retry \
                 or (job.offsets and self._offsets.would_compact(len(job.offsets))):
             return False
-        for topic, _parts, count in job.appends:
+        budget = self._inline_max
+        for topic, parts, count in job.appends:
             if not count:
                 continue
             seg = topic.active
-            if not topic.materialized or topic.config.fsync == "always" or seg.uncut:
+            if not topic.materialized or topic.config.fsync == "always" or seg.uncut \
+                    or seg.fd < 0:  # opening (and evicting) files is the disk thread's
                 return False
-            end = seg.size + job.nbytes + count * _RECORD_OVERHEAD  # at most
+            # job.nbytes is what flow control counted, not what the records
+            # take: measure what will be written.
+            size = 0
+            for part, n, _ts, _last in parts:
+                size += len(part) if type(part) is bytearray \
+                    else sum(map(len, part)) + n * _RECORD_OVERHEAD
+                if size > budget:
+                    return False
+            budget -= size
+            end = seg.size + size
             if end > topic.config.segment_bytes or end - seg.written_back >= WRITEBACK_BYTES:
                 return False
         return True
@@ -596,16 +614,18 @@ class DiskWriter:
             try:
                 job = q.get(timeout=timeout)
             except queue.Empty:
-                job = _WAKE  # an fsync or checkpoint deadline passed
+                job = _TIMEOUT  # an fsync or checkpoint deadline passed
             with lock:
                 if self._work(job):
                     return
 
     def _work(self, job) -> bool:
         """Disk thread, under ``_disk_lock``: one item from the queue; True at _STOP."""
-        if job is _WAKE or job is _LOOP_WAKE:
+        if job is _WAKE or job is _LOOP_WAKE or job is _TIMEOUT:
             if job is _LOOP_WAKE:
                 self._loop_wake = False
+            elif job is _WAKE:
+                self._wake_queued = False
             try:
                 self._timed_work()  # a deadline passed, or the syncer's results are in
             except BaseException:  # a bug must not kill the disk thread
@@ -825,13 +845,23 @@ class DiskWriter:
                 # before a synchronous sync or checkpoint.
                 self._sync_results.append((done, checkpoint is not None, ckpt_error))
                 q.task_done()
-                # Wake the disk thread, idle or not, to take the results in
-                # (what fsyncs covered, for the next checkpoint). If its
-                # queue is full it is busy and will look anyway.
-                try:
-                    self._queue.put_nowait(_WAKE)
-                except queue.Full:
-                    pass
+                self._wake_for_results()
+
+    def _wake_for_results(self) -> None:
+        """Syncer: wake the disk thread, idle or not, to take a round's results in.
+
+        At most one such wake-up waits in the queue (the disk thread clears
+        ``_wake_queued`` when it takes it, then takes every result in): the
+        disk thread may take results in after a job and start the next
+        round before it reaches the previous wake-up, and uncoalesced
+        wake-ups would fill the queue that jobs are put in without waiting.
+        """
+        if not self._wake_queued:
+            self._wake_queued = True
+            try:
+                self._queue.put_nowait(_WAKE)
+            except queue.Full:  # cannot happen (see __init__); the thread is busy anyway
+                self._wake_queued = False
 
     def _apply_synced(self) -> None:
         """Disk thread: take in what the syncer finished."""
