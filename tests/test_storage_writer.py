@@ -757,6 +757,10 @@ def test_jobs_that_may_wait_go_to_the_disk_thread(tmp_path, monkeypatch, case):
             done, on_stored = _stored(loop)
             publish(writer, topic, [bytes([65 + i]) * size], on_stored)
             assert (await asyncio.wait_for(done, 10))[2] is None
+        if case == "turned_off":  # not even an offsets-only job
+            store.offsets.set(b"client", "t", 1)
+            writer.offsets_changed()
+            await writer.flush()
         assert writer.stats["inline_writes"] == 0
         await writer.close()
         store.close()

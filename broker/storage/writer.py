@@ -431,7 +431,8 @@ class DiskWriter:
 
     def _submit(self, job: _Job) -> None:
         """Hand ``job`` to the disk thread, or write it here (:meth:`_write_here`)."""
-        if self._in_flight == 1 and job.nbytes <= self._inline_max and not self._closing \
+        if self._in_flight == 1 and self._inline_max and job.nbytes <= self._inline_max \
+                and not self._closing \
                 and not (job.deletes or job.calls or job.checkpoint) and self._write_here(job):
             return
         self._queue.put_nowait(job)
