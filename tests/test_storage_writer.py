@@ -710,19 +710,26 @@ def _stored(loop):
     return fut, lambda base, count, exc: fut.set_result((base, count, exc))
 
 
+async def _topic_on_disk(tmp_path, first: list):
+    """A running writer, and topic "t" whose files the disk thread made with
+    a first write of ``first``: ``(store, writer, topic, loop)``."""
+    store = make_store(tmp_path, segment_bytes=1 << 20)
+    writer = await start_writer(store)
+    topic = store.get_or_create("t")
+    loop = asyncio.get_running_loop()
+    done, on_stored = _stored(loop)
+    publish(writer, topic, first, on_stored)
+    assert await asyncio.wait_for(done, 10) == (0, len(first), None)
+    return store, writer, topic, loop
+
+
 def test_a_small_job_is_written_on_the_loop(records_impl, tmp_path, monkeypatch):
     """With the disk thread idle, a small batch to a topic already on disk is
     written by the loop itself: stored, acknowledged, readable, counted."""
     threads = WriterThreads(monkeypatch)
 
     async def main():
-        store = make_store(tmp_path, segment_bytes=1 << 20)
-        writer = await start_writer(store)
-        topic = store.get_or_create("t")
-        loop = asyncio.get_running_loop()
-        first, on_first = _stored(loop)
-        publish(writer, topic, [b"a0", b"a1"], on_first)  # makes the topic's files: disk thread
-        assert await asyncio.wait_for(first, 10) == (0, 2, None)
+        store, writer, topic, loop = await _topic_on_disk(tmp_path, [b"a0", b"a1"])
         second, on_second = _stored(loop)
         publish_records(writer, topic, [b"b0", b"b1", b"b2"], on_second)
         assert await asyncio.wait_for(second, 10) == (2, 3, None)
@@ -816,13 +823,7 @@ def test_a_failed_write_on_the_loop_is_refused_whole(records_impl, tmp_path, mon
     threads = WriterThreads(monkeypatch)
 
     async def main():
-        store = make_store(tmp_path, segment_bytes=1 << 20)
-        writer = await start_writer(store)
-        topic = store.get_or_create("t")
-        loop = asyncio.get_running_loop()
-        first, on_first = _stored(loop)
-        publish(writer, topic, [b"a"], on_first)
-        assert await asyncio.wait_for(first, 10) == (0, 1, None)
+        store, writer, topic, loop = await _topic_on_disk(tmp_path, [b"a"])
         faults.pwrite = 1
         failed, on_failed = _stored(loop)
         publish_records(writer, topic, [b"lost0", b"lost1"], on_failed)
