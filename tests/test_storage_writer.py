@@ -1012,3 +1012,28 @@ def test_more_jobs_that_may_wait_go_to_the_disk_thread(tmp_path, monkeypatch, ca
 
     asyncio.run(main())
     assert threads.names == ["pylogstreams-disk"]
+
+
+def test_the_loop_never_waits_for_the_disk_threads_lock(tmp_path, monkeypatch):
+    """While the disk thread holds its lock (timed work, a stop), a small job
+    is handed to it instead of written on the loop, and the loop goes on."""
+    threads = WriterThreads(monkeypatch)
+
+    async def main():
+        store, writer, topic, loop = await _topic_on_disk(tmp_path, [b"a"])
+        threads.names.clear()
+        writer._disk_lock.acquire()  # as if the disk thread were at work
+        try:
+            done, on_stored = _stored(loop)
+            publish(writer, topic, [b"b"], on_stored)
+            for _ in range(20):
+                await asyncio.sleep(0)  # the loop runs on: the job waits for the thread
+            assert not done.done() and writer.stats["inline_writes"] == 0
+        finally:
+            writer._disk_lock.release()
+        assert await asyncio.wait_for(done, 10) == (1, 1, None)
+        await writer.close()
+        store.close()
+
+    asyncio.run(main())
+    assert threads.names == ["pylogstreams-disk"]
