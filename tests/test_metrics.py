@@ -238,6 +238,7 @@ def test_metrics_match_the_traffic(metrics_server):
     # --fsync always: every batch was fsynced, and timed.
     fsyncs = _sample(fams, "fsyncs_total")
     assert fsyncs >= 3
+    assert _sample(fams, "disk_inline_writes_total") == 0  # never under fsync=always
     assert fams["pylogstreams_fsync_seconds"]["type"] == "histogram"
     assert _sample(fams, "fsync_seconds", "fsync_seconds_count") >= fsyncs
     assert _sample(fams, "connections") >= 0

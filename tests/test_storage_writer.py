@@ -720,7 +720,16 @@ async def _topic_on_disk(tmp_path, first: list):
     done, on_stored = _stored(loop)
     publish(writer, topic, first, on_stored)
     assert await asyncio.wait_for(done, 10) == (0, len(first), None)
+    await _disk_thread_idle(writer)
     return store, writer, topic, loop
+
+
+async def _disk_thread_idle(writer) -> None:
+    """Until the disk thread lets go of its lock: a job's report reaches the
+    loop before the thread has finished its timed work after it."""
+    deadline = time.monotonic() + 10
+    while writer._disk_lock.locked() and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
 
 
 def test_a_small_job_is_written_on_the_loop(records_impl, tmp_path, monkeypatch):
@@ -801,6 +810,7 @@ def test_the_loop_wakes_the_idle_disk_thread_for_the_fsync(tmp_path, monkeypatch
         while not idle() and loop.time() < deadline:
             await asyncio.sleep(0.01)  # the round is applied
         assert idle()
+        await _disk_thread_idle(writer)
         second, on_second = _stored(loop)
         publish(writer, topic, [b"b" * 100], on_second)
         await asyncio.wait_for(second, 10)

@@ -70,6 +70,9 @@ def render(broker) -> str:
            [((), writer.pending_bytes if writer else 0)])
     metric("disk_batches_total", "counter", "Batches written by the disk thread.",
            [((), stats.get("disk_batches", 0))])
+    metric("disk_inline_writes_total", "counter",
+           "Batches written on the event loop (small, with the disk thread idle).",
+           [((), stats.get("disk_inline_writes", 0))])
     metric("disk_bytes_total", "counter", "Record bytes written by the disk thread.",
            [((), stats.get("disk_bytes", 0))])
     metric("fsyncs_total", "counter", "fsyncs by the disk and syncer threads.",

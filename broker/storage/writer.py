@@ -196,8 +196,8 @@ class DiskWriter:
         self._syncer = threading.Thread(target=self._run_syncer, name="pylogstreams-sync",
                                         daemon=True)
         self.stats = store.stats if store is not None else {}
-        for key in ("batches", "messages", "bytes", "inline_writes", "fsyncs", "fsync_errors", "write_errors",
-                    "segments_deleted", "bytes_deleted", "checkpoints", "checkpoint_errors",
+        for key in ("batches", "messages", "bytes", "inline_writes", "fsyncs", "fsync_errors",
+                    "write_errors", "segments_deleted", "bytes_deleted", "checkpoints", "checkpoint_errors",
                     "retention_runs"):
             self.stats.setdefault(key, 0)
 
@@ -432,8 +432,8 @@ class DiskWriter:
     def _submit(self, job: _Job) -> None:
         """Hand ``job`` to the disk thread, or write it here (:meth:`_write_here`)."""
         if self._in_flight == 1 and self._inline_max and job.nbytes <= self._inline_max \
-                and not self._closing \
-                and not (job.deletes or job.calls or job.checkpoint) and self._write_here(job):
+                and not (self._closing or job.deletes or job.calls or job.checkpoint) \
+                and self._write_here(job):
             return
         self._queue.put_nowait(job)
 
