@@ -1047,3 +1047,34 @@ def test_the_loop_never_waits_for_the_disk_threads_lock(tmp_path, monkeypatch):
 
     asyncio.run(main())
     assert threads.names == ["pylogstreams-disk"]
+
+
+def test_the_cut_after_a_failed_cut_back_is_the_disk_threads(records_impl, tmp_path,
+                                                              monkeypatch):
+    """A write on the loop fails and so does its cut-back: the batch is
+    refused and taken back in memory, and the next write, which must cut
+    the file first, goes to the disk thread."""
+    faults = DiskFaults(monkeypatch)
+    threads = WriterThreads(monkeypatch)
+
+    async def main():
+        store, writer, topic, loop = await _topic_on_disk(tmp_path, [b"a"])
+        faults.pwrite, faults.ftruncate = 1, 1
+        failed, on_failed = _stored(loop)
+        publish_records(writer, topic, [b"lost"], on_failed)
+        base, count, exc = await asyncio.wait_for(failed, 10)
+        assert (base, count, exc.errno) == (None, 1, errno.EIO)
+        assert writer.stats["inline_writes"] == 1 and topic.active.uncut
+        await _disk_thread_idle(writer)
+        threads.names.clear()
+        last, on_last = _stored(loop)
+        publish_records(writer, topic, [b"b"], on_last)
+        assert await asyncio.wait_for(last, 10) == (1, 1, None)
+        assert writer.stats["inline_writes"] == 1
+        assert [r[2] for r in read_all(topic)] == [b"a", b"b"]
+        assert os.path.getsize(topic.active.log_path) == topic.active.size
+        await writer.close()
+        store.close()
+
+    asyncio.run(main())
+    assert threads.names == ["pylogstreams-disk"]
