@@ -232,10 +232,7 @@ class Connection(V1Handlers, asyncio.Protocol):
         if not self.user.may_publish(topic.name):
             self._refuse_permission("publish to", topic.name)
             return
-        # Counted: what the batch keeps in memory until written, or the
-        # chunk that carried it if more (a message assembled from many reads
-        # arrives with only the last).
-        self.broker.publish(topic, messages, max(nbytes, sum(map(len, messages))), self)
+        self.broker.publish(topic, messages, nbytes, self)
 
     def _on_reg(self, a, b) -> None:
         client_id = str(uuid.uuid4()).encode("ascii")

@@ -276,11 +276,7 @@ class V1Handlers:
                 slot[0] = wire1.encode(b"ERR", rid, _ERR.pack(ErrorCode.STORAGE_ERROR) + text)
             conn._v1_flush_acks()
 
-        # Flow control counts the bytes this batch keeps in memory until it
-        # is written (about its payload), or the chunk that carried it if
-        # more: a frame assembled from many reads arrives with only the last.
-        self.broker.publish(topic, batch, max(nbytes, len(payload)), self, on_stored, count,
-                            ts, last_len)
+        self.broker.publish(topic, batch, nbytes, self, on_stored, count, ts, last_len)
 
     def _v1_flush_acks(self) -> None:
         queue = self._v1_acks

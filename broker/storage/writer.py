@@ -247,8 +247,11 @@ class DiskWriter:
         time this call gives it when ``ts`` is None.
 
         ``nbytes`` is their size as the caller measured it (per batch, not
-        per message). If the backlog is over the high-water mark and a
-        transport is given, that transport stops reading until it drains.
+        per message: the network chunk that carried them, say); the batch
+        counts at least its size as stored, however it was measured, for
+        flow control and for :meth:`_may_write_here`. If the backlog is over
+        the high-water mark and a transport is given, that transport stops
+        reading until it drains.
         ``on_stored(base_offset, count, error)`` is called in the loop once
         the batch is written (and fsynced, when the topic's policy is
         ``always``), with the offset of its first message, or with
@@ -258,6 +261,7 @@ class DiskWriter:
             ts = self.next_stamp(topic)[1]
         if count is None:
             count = len(messages)
+        nbytes = max(nbytes, _stored_size(messages, count))
         topic.unwritten += count
         entry = (messages, count, on_stored, ts, last_len)
         lists = self._pending.get(topic)
@@ -449,9 +453,8 @@ class DiskWriter:
         segment roll (sealing fsyncs), a topic's first write, files to
         reopen (the write cache closed them), the start of a writeback
         (``sync_file_range``), an offsets journal compaction or retry,
-        deletions, disk calls and checkpoints. The size is measured
-        from the records (flow control's count is not it). Under load the
-        disk thread is busy (``_in_flight``) and every job goes to it.
+        deletions, disk calls and checkpoints. Under load the disk thread
+        is busy (``_in_flight``) and every job goes to it.
         """
         if not self._disk_lock.acquire(False):
             return False  # the disk thread is at work (timed work or stopping)
@@ -484,24 +487,15 @@ class DiskWriter:
         if self._fsync == "always" or self._offsets_retry \
                 or (job.offsets and self._offsets.would_compact(len(job.offsets))):
             return False
-        budget = self._inline_max
-        for topic, parts, count in job.appends:
+        for topic, _parts, count in job.appends:
             if not count:
                 continue
             seg = topic.active
             if not topic.materialized or topic.config.fsync == "always" or seg.uncut \
                     or seg.fd < 0:  # opening (and evicting) files is the disk thread's
                 return False
-            # job.nbytes is what flow control counted, not what the records
-            # take: measure what will be written.
-            size = 0
-            for part, n, _ts, _last in parts:
-                size += len(part) if type(part) is bytearray \
-                    else sum(map(len, part)) + n * _RECORD_OVERHEAD
-                if size > budget:
-                    return False
-            budget -= size
-            end = seg.size + size
+            # job.nbytes is at least what the whole job writes (append).
+            end = seg.size + job.nbytes
             if end > topic.config.segment_bytes or end - seg.written_back >= WRITEBACK_BYTES:
                 return False
         return True
@@ -990,6 +984,13 @@ class DiskWriter:
 
 def _noop() -> None:
     return None
+
+
+def _stored_size(messages, count: int) -> int:
+    """Bytes a batch takes as log records: finished ones, or a list of messages."""
+    if type(messages) is bytearray:
+        return len(messages)
+    return sum(map(len, messages)) + count * _RECORD_OVERHEAD
 
 
 def _records(parts: list, base: int):
