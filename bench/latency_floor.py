@@ -14,10 +14,16 @@ back to the loop (``call_soon_threadsafe``), as the disk thread does;
 ``--hop inline`` writes it on the loop; ``--ack`` answers the producer
 for each chunk; ``--work-us N`` spends N microseconds of Python (holding
 the GIL) per chunk on the loop and again on the writer thread, standing
-in for the broker's own work per batch.
+in for the broker's own work per batch: with ``--work-kind wall`` (the
+default) a spin until N microseconds have passed, which a stalled CPU
+cannot make longer; with ``--work-kind cpu`` a fixed count of loop
+iterations (N microseconds' worth on this machine, calibrated when the
+relay starts), which a slowed CPU stretches as it stretches the
+broker's own work.
 
     python bench/latency_floor.py [--rate 10000] [--seconds 5] [--runs 3]
-                                  [--hop none|thread|inline] [--ack] [--work-us N]
+                                  [--hop none|thread|inline] [--ack]
+                                  [--work-us N] [--work-kind wall|cpu]
 """
 
 from __future__ import annotations
@@ -46,12 +52,38 @@ def _run(coro):
         asyncio.run(coro)
 
 
-def _spin(seconds: float) -> None:
-    """Python work holding the GIL (a stand-in for the broker's own)."""
-    if seconds:
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
+_LOOPS_PER_S = 0.0  # set by _calibrate for --work-kind cpu
+
+
+def _calibrate() -> float:
+    """Loop iterations per second of this process, the best of a few tries."""
+    best = 0.0
+    n = 200_000
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(n):
             pass
+        best = max(best, n / (time.perf_counter() - t))
+    return best
+
+
+def _spin(seconds: float) -> None:
+    """Python work holding the GIL (a stand-in for the broker's own).
+
+    ``--work-kind wall`` spins until ``seconds`` of wall time pass, so a
+    stalled CPU does not make it longer; ``--work-kind cpu`` runs a fixed
+    number of loop iterations (``seconds`` of them on an unloaded CPU),
+    which a slowed CPU stretches as it stretches the broker's own work.
+    """
+    if not seconds:
+        return
+    if _LOOPS_PER_S:
+        for _ in range(int(seconds * _LOOPS_PER_S)):
+            pass
+        return
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
 
 async def _relay(port: int, seconds: float, hop: str, ack: bool, work: float) -> None:
@@ -158,12 +190,13 @@ def _free_port() -> int:
 
 
 def one_run(rate: float, seconds: float, hop: str = "none", ack: bool = False,
-            work_us: float = 0.0) -> list[float]:
+            work_us: float = 0.0, work_kind: str = "wall") -> list[float]:
     """Latencies in ms of one run (every message)."""
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
     q = ctx.Queue()
-    relay = ctx.Process(target=_run_relay, args=(port, seconds, hop, ack, work_us / 1e6))
+    relay = ctx.Process(target=_run_relay, args=(port, seconds, hop, ack, work_us / 1e6,
+                                                           work_kind))
     relay.start()
     time.sleep(0.5)
     consumer = ctx.Process(target=_run_consumer, args=(port, seconds, q))
@@ -180,7 +213,10 @@ def one_run(rate: float, seconds: float, hop: str = "none", ack: bool = False,
     return sorted(x / 1e6 for x in lat)
 
 
-def _run_relay(port, seconds, hop, ack, work):
+def _run_relay(port, seconds, hop, ack, work, kind="wall"):
+    global _LOOPS_PER_S
+    if kind == "cpu" and work:
+        _LOOPS_PER_S = _calibrate()
     _run(_relay(port, seconds, hop, ack, work))
 
 
@@ -204,11 +240,16 @@ def main() -> None:
     ap.add_argument("--work-us", type=float, default=0.0,
                     help="microseconds of Python per chunk on the loop and on the writer "
                          "thread (default 0)")
+    ap.add_argument("--work-kind", choices=("wall", "cpu"), default="wall",
+                    help="wall: spin until the time has passed (a stalled CPU does not "
+                         "stretch it); cpu: a fixed number of loop iterations, calibrated "
+                         "when the relay starts (a slowed CPU stretches it, as it does the "
+                         "broker's work) (default: wall)")
     args = ap.parse_args()
     print("| run | messages | p50 ms | p99 ms | p99.9 ms | max ms |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for i in range(args.runs):
-        ls = one_run(args.rate, args.seconds, args.hop, args.ack, args.work_us)
+        ls = one_run(args.rate, args.seconds, args.hop, args.ack, args.work_us, args.work_kind)
         n = len(ls)
         if not n:
             print("| %d | 0 | - | - | - | - |" % (i + 1))

@@ -9,6 +9,7 @@ real ones).
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import pytest
 from conftest import impl_env
 
 pytestmark = pytest.mark.integration
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ROWS = [(scenario, system + "/" + codec)
         for scenario in ("publish", "pubsub")
@@ -47,3 +50,20 @@ def test_bench_quick_run_prints_its_table(tmp_path):
         or re.search(r"^- --warm-memory 0\.0625 skipped before 8 runs", out.stdout, re.M)
     assert doc["machine"]["crc32"] in ("pclmulqdq", "zlib")
     assert "CRC-32 %s;" % doc["machine"]["crc32"] in out.stdout
+
+
+@pytest.mark.parametrize("kind", ["wall", "cpu"])
+def test_latency_floor_with_the_brokers_shape_runs(kind):
+    # bench/latency_floor.py with every piece of the broker's shape: a write
+    # on the loop, an answer to the producer, and work per chunk of either
+    # kind (a wall-clock spin, or a fixed count of loop iterations that a
+    # slowed CPU stretches). Half a second at 2,000 msg/s: about 1,000
+    # messages, each of them relayed and measured.
+    out = subprocess.run(
+        [sys.executable, "bench/latency_floor.py", "--rate", "2000", "--seconds", "0.5",
+         "--runs", "1", "--hop", "inline", "--ack", "--work-us", "20", "--work-kind", kind],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    row = re.search(r"^\| 1 \| (\d+) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", out.stdout, re.M)
+    assert row, out.stdout
+    assert 900 <= int(row.group(1)) <= 1001, out.stdout
