@@ -580,6 +580,118 @@ def test_auto_commit(api, shared_server):
         assert [r["offset"] for r in rows] == [12]
 
 
+def _count_commits(client: broker.AsyncClient):
+    """Spy on ``client``'s CMT frames: a list of their offsets, and an event per frame."""
+    sent: list[int] = []
+    event = asyncio.Event()
+    send = client._send
+
+    def spy(kind, payload, *args, **kwargs):
+        if kind == b"CMT":
+            sent.append(struct.unpack_from(">Q", payload, len(payload) - 8)[0])
+            event.set()
+        return send(kind, payload, *args, **kwargs)
+
+    client._send = spy
+    return sent, event
+
+
+async def _consume_one_and_run_dry(p, sub, topic, value):
+    await p.publish(topic, value)
+    assert len(await asyncio.wait_for(sub.get_batch(10), CALL_TIMEOUT)) == 1
+    assert await sub.get_batch(10, 0.05) == []   # ran dry: the message is processed
+
+
+async def _until_committed(sent, event, offset):
+    """Wait for the CMT of ``offset`` (it may wait for a commit interval)."""
+    while not sent or sent[-1] != offset:
+        event.clear()
+        await asyncio.wait_for(event.wait(), 15)
+
+
+# A subscription whose buffer runs dry before its first delivery arrives
+# commits its start (offset 0) then, so each test first waits for the
+# first message's commit, which then may have waited for the interval.
+
+
+def test_auto_commits_are_coalesced_within_the_interval(shared_server):
+    """The buffer runs dry twice within the interval: one CMT for both, at its end."""
+    async def main():
+        t = unique("coalesce")
+        cid = "coalesce-" + uuid.uuid4().hex
+        async with broker.AsyncClient(HOST, shared_server.port, reconnect=False) as p, \
+                broker.AsyncClient(HOST, shared_server.port, client_id=cid, reconnect=False,
+                                   commit_interval=3.0) as c:
+            sent, event = _count_commits(c)
+            await p.publish(t, b"first")        # the topic exists before the subscription
+            sub = await c.subscribe(t, start="oldest")
+            assert len(await sub.get_batch(10)) == 1
+            assert await sub.get_batch(10, 0.05) == []
+            await _until_committed(sent, event, 1)
+            before = len(sent)
+            event.clear()
+            for value in (b"second", b"third"):
+                await _consume_one_and_run_dry(p, sub, t, value)
+            assert len(sent) == before          # within the interval: they wait
+            await c.ping()
+            assert [r["offset"] for r in await p.offsets(cid)] == [1]
+            await asyncio.wait_for(event.wait(), 15)   # the timer's commit
+            assert sent[before:] == [3]         # both, in one frame
+            await c.ping()
+            assert [r["offset"] for r in await p.offsets(cid)] == [3]
+            await sub.close()
+            assert sent[before:] == [3]         # nothing left to commit
+    asyncio.run(asyncio.wait_for(main(), BODY_TIMEOUT))
+
+
+def test_commit_interval_zero_commits_each_time_the_buffer_runs_dry(shared_server):
+    async def main():
+        t = unique("eachdry")
+        cid = "eachdry-" + uuid.uuid4().hex
+        async with broker.AsyncClient(HOST, shared_server.port, reconnect=False) as p, \
+                broker.AsyncClient(HOST, shared_server.port, client_id=cid, reconnect=False,
+                                   commit_interval=0) as c:
+            sent, _event = _count_commits(c)
+            await p.publish(t, b"first")
+            sub = await c.subscribe(t, start="oldest")
+            assert len(await sub.get_batch(10)) == 1
+            assert await sub.get_batch(10, 0.05) == []
+            for value in (b"second", b"third"):
+                await _consume_one_and_run_dry(p, sub, t, value)
+            assert sent in ([1, 2, 3], [0, 1, 2, 3])
+            await c.ping()
+            assert [r["offset"] for r in await p.offsets(cid)] == [3]
+    asyncio.run(asyncio.wait_for(main(), BODY_TIMEOUT))
+
+
+def test_closing_sends_a_waiting_auto_commit_at_once(shared_server):
+    """A commit waiting for the interval goes with close(), not after it (and not twice)."""
+    async def main():
+        t = unique("closewait")
+        cid = "closewait-" + uuid.uuid4().hex
+        async with broker.AsyncClient(HOST, shared_server.port, reconnect=False) as p:
+            c = await broker.AsyncClient(HOST, shared_server.port, client_id=cid, reconnect=False,
+                                         commit_interval=60.0).connect()
+            sent, _event = _count_commits(c)
+            await p.publish(t, b"first")
+            sub = await c.subscribe(t, start="oldest")
+            assert len(await sub.get_batch(10)) == 1
+            assert await sub.get_batch(10, 0.05) == []
+            await _consume_one_and_run_dry(p, sub, t, b"second")
+            assert sent in ([1], [0])           # one at once; the next waits for 60 s
+            assert sub._commit_timer is not None
+            await c.close()
+            assert sent[-1] == 2 and len(sent) == 2
+            assert sub._commit_timer is None    # cancelled: it cannot fire on a closed client
+            assert [r["offset"] for r in await p.offsets(cid)] == [2]
+    asyncio.run(asyncio.wait_for(main(), BODY_TIMEOUT))
+
+
+def test_a_negative_commit_interval_is_refused():
+    with pytest.raises(ValueError, match="commit_interval"):
+        broker.AsyncClient(HOST, 1, commit_interval=-1)
+
+
 def test_closing_does_not_commit_a_manual_subscription(api, shared_server):
     """auto_commit=False means only commit() commits, also when the client closes."""
     @api.run

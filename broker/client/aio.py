@@ -19,6 +19,7 @@ import collections
 import datetime
 import itertools
 import logging
+import math
 import struct
 from typing import AsyncIterator, Callable, Iterable
 
@@ -132,7 +133,7 @@ class AsyncClient:
                  reconnect: bool = True, connect_timeout: float = 10.0,
                  request_timeout: float = 30.0, max_frame_bytes: int = 1 << 20,
                  max_buffered: int = 10_000, ssl=None, user: str | None = None,
-                 secret: str | bytes | None = None) -> None:
+                 secret: str | bytes | None = None, commit_interval: float = 0.1) -> None:
         self.host = host
         self.port = port
         self._client_id = _topic_bytes(client_id) if client_id else b""  # b"": let the broker pick
@@ -142,6 +143,9 @@ class AsyncClient:
         self.request_timeout = request_timeout
         self.max_frame_bytes = max_frame_bytes    # largest frame this client sends (accepts a bit more)
         self.max_buffered = max_buffered          # messages buffered per subscription
+        if commit_interval < 0:
+            raise ValueError("commit_interval must be >= 0")
+        self.commit_interval = commit_interval    # seconds between auto commits (0: each time)
         self.ssl = ssl                            # True, or an ssl.SSLContext: connect with TLS
         self.user = user                          # authenticate as this user (AUT) if set
         self._secret = _value_bytes(secret) if secret is not None else b""
@@ -563,7 +567,9 @@ class Subscription:
 
     With ``auto_commit`` (the default) a message counts as processed when
     the next one is asked for, and processed offsets are committed in
-    batches (whenever the buffer runs dry, and on close). Otherwise call
+    batches: whenever the buffer runs dry, but at most once per the
+    client's ``commit_interval`` (0.1 s by default; the commits asked for
+    meanwhile go as one at its end), and on close. Otherwise call
     :meth:`commit`.
     """
 
@@ -585,6 +591,8 @@ class Subscription:
         self._in_hand = -1       # offset after the last batch yielded, -1 if none in hand
         self._done = False
         self._error: Exception | None = None  # why it ended, if not closed by us
+        self._commit_sent = -math.inf  # loop time of the last auto commit sent
+        self._commit_timer: asyncio.TimerHandle | None = None  # a coalesced auto commit
 
     async def _subscribe(self, mode: int, value: int) -> None:
         payload = wire1.pack_str(self.topic) + _SPEC.pack(mode, value)
@@ -636,6 +644,7 @@ class Subscription:
 
     def _closed(self) -> None:
         self._done = True
+        self._cancel_commit_timer()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -663,7 +672,7 @@ class Subscription:
         buf = self._buffer
         if not self._buffered:
             if self.auto_commit:
-                await self._commit_processed(wait=False)
+                self._auto_commit()
             while not self._buffered and not self._done:
                 self._waiter = asyncio.get_running_loop().create_future()
                 try:
@@ -715,16 +724,53 @@ class Subscription:
             self._processed = max(self._processed, self._in_hand)
             self._in_hand = -1
 
+    def _auto_commit(self) -> None:
+        """The buffer ran dry: commit what was processed, at most once per interval.
+
+        The first commit goes at once; one asked for sooner than
+        ``commit_interval`` after the last waits for the rest of it, with
+        every commit asked for meanwhile (a consumer that keeps up with a
+        steady stream runs dry after every delivery). A crash loses at most
+        that interval's commits: the messages come again (at least once).
+        """
+        self._mark_processed()
+        if self._processed <= self._committed or self._commit_timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._commit_sent + self.client.commit_interval - loop.time()
+        if wait > 0:
+            self._commit_timer = loop.call_later(wait, self._commit_due)
+        else:
+            self._send_commit(loop)
+
+    def _commit_due(self) -> None:
+        self._commit_timer = None
+        if not self._done:
+            self._send_commit(asyncio.get_running_loop())
+
+    def _cancel_commit_timer(self) -> None:
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
+
+    def _send_commit(self, loop, log_errors: bool = True) -> asyncio.Future | None:
+        """Send a CMT of the processed offsets, if they moved; its reply future."""
+        if self._processed <= self._committed or not self.client.connected:
+            return None
+        self._committed = self._processed
+        self._commit_sent = loop.time()
+        payload = wire1.pack_str(self.topic) + _U64.pack(self._processed)
+        _, fut = self.client._send(b"CMT", payload)
+        if log_errors:
+            fut.add_done_callback(_log_commit_error)
+        return fut
+
     async def _commit_processed(self, wait: bool) -> None:
         self._mark_processed()
-        if self._processed > self._committed and self.client.connected:
-            self._committed = self._processed
-            payload = wire1.pack_str(self.topic) + _U64.pack(self._processed)
-            _, fut = self.client._send(b"CMT", payload)
-            if wait:
-                await asyncio.wait_for(fut, self.client.request_timeout)
-            else:
-                fut.add_done_callback(_log_commit_error)
+        self._cancel_commit_timer()
+        fut = self._send_commit(asyncio.get_running_loop(), log_errors=not wait)
+        if wait and fut is not None:
+            await asyncio.wait_for(fut, self.client.request_timeout)
 
     async def commit(self, offset: int | None = None) -> None:
         """Commit ``offset`` (default: everything yielded so far) and wait for it."""
