@@ -33,7 +33,7 @@ def test_bench_quick_run_prints_its_table(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "broker", "bench", "--quick", "--scenarios", "publish,pubsub",
          "--peers", "none", "--count", "2000", "--max-seconds", "30", "--json", str(report),
-         "--warm-memory", "0.0625"],
+         "--warm-memory", "0.0625", "--commit-interval", "0.05"],
         env=impl_env("c"), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     for scenario, label in ROWS:
@@ -48,6 +48,8 @@ def test_bench_quick_run_prints_its_table(tmp_path):
     assert re.search(r"^- warmed 0\.06 GiB of memory before each of 8 runs \(--warm-memory "
                      r"0\.0625\), [\d.]+ s in all$", out.stdout, re.M) \
         or re.search(r"^- --warm-memory 0\.0625 skipped before 8 runs", out.stdout, re.M)
+    assert "- our client's auto commit interval: 0.05 s (--commit-interval;" in out.stdout
+    assert doc["settings"]["commit_interval"] == 0.05
     assert doc["machine"]["crc32"] in ("pclmulqdq", "zlib")
     assert "CRC-32 %s;" % doc["machine"]["crc32"] in out.stdout
 

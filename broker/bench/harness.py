@@ -99,7 +99,8 @@ def plan_run(run: Run, port: int, args) -> dict:
                 window=p["window"], fetch=p["fetch"], max_seconds=args.max_seconds,
                 client_pure=(run.codec == "pure" and args.client_codec == "same")
                 or args.client_codec == "pure",
-                max_frame_bytes=p.get("max_frame_bytes", 1 << 20), stamps=not p.get("backlog"))
+                max_frame_bytes=p.get("max_frame_bytes", 1 << 20), stamps=not p.get("backlog"),
+                commit_interval=args.commit_interval)
     phases = []
     if sc.startswith("conn"):
         clients = [dict(name="conn-%d" % j) for j in range(p["connections"])]
@@ -462,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="codec of the load-generating clients (default: cython, so that the "
                          "broker is what is measured; 'same' follows the broker)")
     ap.add_argument("--peers", default="redis,nats", help="comma-separated peers, or 'none' (default: redis,nats)")
+    ap.add_argument("--commit-interval", type=float, metavar="S",
+                    help="our client's auto commit interval in seconds; 0 commits every time a "
+                         "subscription's buffer runs dry (default: the client's, 0.1)")
     ap.add_argument("--fsync", choices=("always", "interval", "never"), default="interval",
                     help="our --fsync; Redis appendfsync always/everysec/no to match (default: interval)")
     g = ap.add_argument_group("load (override every selected scenario's default)")
@@ -504,6 +508,11 @@ def make_runs(args) -> tuple[list[Run], list[str]]:
     if args.size < 16:
         raise SystemExit("--size must be at least 16 (8 bytes carry the timestamp)")
     notes: list[str] = []
+    if args.commit_interval is not None:
+        if args.commit_interval < 0:
+            raise SystemExit("--commit-interval must be >= 0")
+        notes.append("our client's auto commit interval: %g s (--commit-interval; the "
+                     "client's default is 0.1 s)" % args.commit_interval)
     runs = []
     soft, hard = raise_nofile()
     for s in names:

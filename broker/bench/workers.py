@@ -80,6 +80,8 @@ class OursClientDriver:
         self._cls = AsyncClient
         self.host, self.port = host, port
         self.max_frame = opts.get("max_frame_bytes", 1 << 20)
+        interval = opts.get("commit_interval")
+        self.options = {} if interval is None else {"commit_interval": interval}
 
     async def setup_topic(self, conn, topic: str) -> None:
         pass  # topics are created by their first PUB or SUB
@@ -87,7 +89,7 @@ class OursClientDriver:
     async def connect(self, name: str, lanes: int = 1):
         client = self._cls(self.host, self.port, client_id=name, heartbeat=30.0,
                            reconnect=False, request_timeout=60.0,
-                           max_frame_bytes=max(self.max_frame, 1 << 20) * 2)
+                           max_frame_bytes=max(self.max_frame, 1 << 20) * 2, **self.options)
         return await client.connect()
 
     async def close(self, conn) -> None:
