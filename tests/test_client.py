@@ -17,6 +17,7 @@ process alive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import functools
 import os
@@ -609,24 +610,40 @@ async def _until_committed(sent, event, offset):
         await asyncio.wait_for(event.wait(), 15)
 
 
-# A subscription whose buffer runs dry before its first delivery arrives
-# commits its start (offset 0) then, so each test first waits for the
-# first message's commit, which then may have waited for the interval.
+@contextlib.asynccontextmanager
+async def _first_processed(port: int, tag: str, commit_interval: float):
+    """A producer, and a consumer that has processed one message of a new topic.
 
-
-def test_auto_commits_are_coalesced_within_the_interval(shared_server):
-    """The buffer runs dry twice within the interval: one CMT for both, at its end."""
-    async def main():
-        t = unique("coalesce")
-        cid = "coalesce-" + uuid.uuid4().hex
-        async with broker.AsyncClient(HOST, shared_server.port, reconnect=False) as p, \
-                broker.AsyncClient(HOST, shared_server.port, client_id=cid, reconnect=False,
-                                   commit_interval=3.0) as c:
+    Yields ``(producer, consumer, sub, topic, client_id, sent, event)``:
+    ``sent`` and ``event`` spy on the consumer's CMT frames. The consumer
+    is closed by the caller (or with the context).
+    """
+    t = unique(tag)
+    cid = tag + "-" + uuid.uuid4().hex
+    async with broker.AsyncClient(HOST, port, reconnect=False) as p:
+        c = await broker.AsyncClient(HOST, port, client_id=cid, reconnect=False,
+                                     commit_interval=commit_interval).connect()
+        try:
             sent, event = _count_commits(c)
             await p.publish(t, b"first")        # the topic exists before the subscription
             sub = await c.subscribe(t, start="oldest")
             assert len(await sub.get_batch(10)) == 1
             assert await sub.get_batch(10, 0.05) == []
+            yield p, c, sub, t, cid, sent, event
+        finally:
+            await c.close()
+
+
+# A subscription whose buffer runs dry before its first delivery arrives
+# commits its start (offset 0) then, so the first message's commit may
+# have waited for the interval.
+
+
+def test_auto_commits_are_coalesced_within_the_interval(shared_server):
+    """The buffer runs dry twice within the interval: one CMT for both, at its end."""
+    async def main():
+        async with _first_processed(shared_server.port, "coalesce", 3.0) as (p, c, sub, t, cid,
+                                                                             sent, event):
             await _until_committed(sent, event, 1)
             before = len(sent)
             event.clear()
@@ -646,16 +663,8 @@ def test_auto_commits_are_coalesced_within_the_interval(shared_server):
 
 def test_commit_interval_zero_commits_each_time_the_buffer_runs_dry(shared_server):
     async def main():
-        t = unique("eachdry")
-        cid = "eachdry-" + uuid.uuid4().hex
-        async with broker.AsyncClient(HOST, shared_server.port, reconnect=False) as p, \
-                broker.AsyncClient(HOST, shared_server.port, client_id=cid, reconnect=False,
-                                   commit_interval=0) as c:
-            sent, _event = _count_commits(c)
-            await p.publish(t, b"first")
-            sub = await c.subscribe(t, start="oldest")
-            assert len(await sub.get_batch(10)) == 1
-            assert await sub.get_batch(10, 0.05) == []
+        async with _first_processed(shared_server.port, "eachdry", 0) as (p, c, sub, t, cid,
+                                                                          sent, _event):
             for value in (b"second", b"third"):
                 await _consume_one_and_run_dry(p, sub, t, value)
             assert sent in ([1, 2, 3], [0, 1, 2, 3])
@@ -667,16 +676,8 @@ def test_commit_interval_zero_commits_each_time_the_buffer_runs_dry(shared_serve
 def test_closing_sends_a_waiting_auto_commit_at_once(shared_server):
     """A commit waiting for the interval goes with close(), not after it (and not twice)."""
     async def main():
-        t = unique("closewait")
-        cid = "closewait-" + uuid.uuid4().hex
-        async with broker.AsyncClient(HOST, shared_server.port, reconnect=False) as p:
-            c = await broker.AsyncClient(HOST, shared_server.port, client_id=cid, reconnect=False,
-                                         commit_interval=60.0).connect()
-            sent, _event = _count_commits(c)
-            await p.publish(t, b"first")
-            sub = await c.subscribe(t, start="oldest")
-            assert len(await sub.get_batch(10)) == 1
-            assert await sub.get_batch(10, 0.05) == []
+        async with _first_processed(shared_server.port, "closewait", 60.0) as (p, c, sub, t, cid,
+                                                                               sent, _event):
             await _consume_one_and_run_dry(p, sub, t, b"second")
             assert sent in ([1], [0])           # one at once; the next waits for 60 s
             assert sub._commit_timer is not None
