@@ -195,8 +195,8 @@ def one_run(rate: float, seconds: float, hop: str = "none", ack: bool = False,
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
     q = ctx.Queue()
-    relay = ctx.Process(target=_run_relay, args=(port, seconds, hop, ack, work_us / 1e6,
-                                                           work_kind))
+    relay = ctx.Process(target=_run_relay,
+                        args=(port, seconds, hop, ack, work_us / 1e6, work_kind))
     relay.start()
     time.sleep(0.5)
     consumer = ctx.Process(target=_run_consumer, args=(port, seconds, q))
