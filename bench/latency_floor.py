@@ -33,8 +33,8 @@ import array
 import asyncio
 import multiprocessing
 import os
-import socket
 import queue
+import socket
 import struct
 import tempfile
 import threading
@@ -52,9 +52,6 @@ def _run(coro):
         asyncio.run(coro)
 
 
-_LOOPS_PER_S = 0.0  # set by _calibrate for --work-kind cpu
-
-
 def _calibrate() -> float:
     """Loop iterations per second of this process, the best of a few tries."""
     best = 0.0
@@ -67,18 +64,19 @@ def _calibrate() -> float:
     return best
 
 
-def _spin(seconds: float) -> None:
+def _spin(seconds: float, loops_per_s: float = 0.0) -> None:
     """Python work holding the GIL (a stand-in for the broker's own).
 
-    ``--work-kind wall`` spins until ``seconds`` of wall time pass, so a
-    stalled CPU does not make it longer; ``--work-kind cpu`` runs a fixed
-    number of loop iterations (``seconds`` of them on an unloaded CPU),
-    which a slowed CPU stretches as it stretches the broker's own work.
+    Without ``loops_per_s`` (``--work-kind wall``) it spins until
+    ``seconds`` of wall time pass, so a stalled CPU does not make it
+    longer; with it (``--work-kind cpu``) it runs a fixed number of loop
+    iterations (``seconds`` of them on an unloaded CPU), which a slowed
+    CPU stretches as it stretches the broker's own work.
     """
     if not seconds:
         return
-    if _LOOPS_PER_S:
-        for _ in range(int(seconds * _LOOPS_PER_S)):
+    if loops_per_s:
+        for _ in range(int(seconds * loops_per_s)):
             pass
         return
     end = time.perf_counter() + seconds
@@ -86,7 +84,8 @@ def _spin(seconds: float) -> None:
         pass
 
 
-async def _relay(port: int, seconds: float, hop: str, ack: bool, work: float) -> None:
+async def _relay(port: int, seconds: float, hop: str, ack: bool, work: float,
+                 loops_per_s: float = 0.0) -> None:
     out = {}
     loop = asyncio.get_running_loop()
     fd, path = tempfile.mkstemp(prefix="latency-floor-")
@@ -108,7 +107,7 @@ async def _relay(port: int, seconds: float, hop: str, ack: bool, work: float) ->
     def writer() -> None:
         while True:
             data, producer = jobs.get()
-            _spin(work)
+            _spin(work, loops_per_s)
             store(data)
             loop.call_soon_threadsafe(forward, data, producer)
 
@@ -125,7 +124,7 @@ async def _relay(port: int, seconds: float, hop: str, ack: bool, work: float) ->
                 data = data[1:]
             if not data or "c" not in out:
                 return
-            _spin(work)
+            _spin(work, loops_per_s)
             if hop == "thread":
                 jobs.put_nowait((data, self.transport))
                 return
@@ -214,10 +213,8 @@ def one_run(rate: float, seconds: float, hop: str = "none", ack: bool = False,
 
 
 def _run_relay(port, seconds, hop, ack, work, kind="wall"):
-    global _LOOPS_PER_S
-    if kind == "cpu" and work:
-        _LOOPS_PER_S = _calibrate()
-    _run(_relay(port, seconds, hop, ack, work))
+    loops_per_s = _calibrate() if kind == "cpu" and work else 0.0
+    _run(_relay(port, seconds, hop, ack, work, loops_per_s))
 
 
 def _run_consumer(port, seconds, q):

@@ -741,24 +741,24 @@ class Subscription:
         if wait > 0:
             self._commit_timer = loop.call_later(wait, self._commit_due)
         else:
-            self._send_commit(loop)
+            self._send_commit()
 
     def _commit_due(self) -> None:
         self._commit_timer = None
         if not self._done:
-            self._send_commit(asyncio.get_running_loop())
+            self._send_commit()
 
     def _cancel_commit_timer(self) -> None:
         if self._commit_timer is not None:
             self._commit_timer.cancel()
             self._commit_timer = None
 
-    def _send_commit(self, loop, log_errors: bool = True) -> asyncio.Future | None:
+    def _send_commit(self, log_errors: bool = True) -> asyncio.Future | None:
         """Send a CMT of the processed offsets, if they moved; its reply future."""
         if self._processed <= self._committed or not self.client.connected:
             return None
         self._committed = self._processed
-        self._commit_sent = loop.time()
+        self._commit_sent = asyncio.get_running_loop().time()
         payload = wire1.pack_str(self.topic) + _U64.pack(self._processed)
         _, fut = self.client._send(b"CMT", payload)
         if log_errors:
@@ -768,7 +768,7 @@ class Subscription:
     async def _commit_processed(self, wait: bool) -> None:
         self._mark_processed()
         self._cancel_commit_timer()
-        fut = self._send_commit(asyncio.get_running_loop(), log_errors=not wait)
+        fut = self._send_commit(log_errors=not wait)
         if wait and fut is not None:
             await asyncio.wait_for(fut, self.client.request_timeout)
 

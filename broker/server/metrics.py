@@ -68,12 +68,14 @@ def render(broker) -> str:
     writer = broker.writer
     metric("disk_pending_bytes", "gauge", "Published bytes waiting for the disk thread.",
            [((), writer.pending_bytes if writer else 0)])
-    metric("disk_batches_total", "counter", "Batches written by the disk thread.",
+    metric("disk_batches_total", "counter",
+           "Batches written (by the disk thread, or on the event loop when small).",
            [((), stats.get("disk_batches", 0))])
     metric("disk_inline_writes_total", "counter",
            "Batches written on the event loop (small, with the disk thread idle).",
            [((), stats.get("disk_inline_writes", 0))])
-    metric("disk_bytes_total", "counter", "Record bytes written by the disk thread.",
+    metric("disk_bytes_total", "counter",
+           "Record bytes written (by the disk thread, or on the event loop).",
            [((), stats.get("disk_bytes", 0))])
     metric("fsyncs_total", "counter", "fsyncs by the disk and syncer threads.",
            [((), stats.get("disk_fsyncs", 0))])
