@@ -755,6 +755,43 @@ def test_a_small_job_is_written_on_the_loop(records_impl, tmp_path, monkeypatch)
     store.close()
 
 
+def test_a_job_written_on_the_loop_is_reported_at_once_and_schedules_nothing(tmp_path):
+    """The loop's own write is reported in the same turn (the batch's
+    acknowledgement and deliveries do not wait for the next one), and a
+    report that leaves nothing pending schedules no further turn."""
+
+    async def main():
+        store, writer, topic, loop = await _topic_on_disk(tmp_path, [b"a0"])
+        seen = []
+        real_write_here, real_done = writer._write_here, writer._done
+
+        def write_here(job):
+            wrote = real_write_here(job)
+            seen.append(("written", wrote, list(reports)))
+            return wrote
+
+        def done(job):
+            real_done(job)
+            seen.append(("reported", writer._kick_handle))
+
+        writer._write_here, writer._done = write_here, done
+        reports = []
+        stored, on_stored = _stored(loop)
+
+        def report(base, count, exc):
+            reports.append((base, count, exc))
+            on_stored(base, count, exc)
+
+        publish_records(writer, topic, [b"b0", b"b1"], report)
+        assert await asyncio.wait_for(stored, 10) == (1, 2, None)
+        assert seen == [("reported", None), ("written", True, [(1, 2, None)])]
+        assert writer.stats["inline_writes"] == 1
+        await writer.close()
+        store.close()
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("case", ["fsync_always", "too_big", "turned_off", "rolls"])
 def test_jobs_that_may_wait_go_to_the_disk_thread(tmp_path, monkeypatch, case):
     """fsync=always, a job over inline_write_bytes, inline_write_bytes=0 and a

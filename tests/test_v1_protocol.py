@@ -23,7 +23,7 @@ from v1support import (
     ALREADY_SUBSCRIBED, BAD_CRC, BAD_FRAME, BAD_REQUEST, COMMITTED, FRAME_TOO_LARGE,
     INVALID_OFFSET, INVALID_TOPIC, LATEST, NOT_IDENTIFIED, NOT_SUBSCRIBED, OFFSET, OLDEST,
     TIME, UNKNOWN_COMMAND, UNSUPPORTED_VERSION, V1Conn, assert_broker_up, cmt, frame, hel,
-    parse_err, pub, read_s, s, spec, unique,
+    parse_err, parse_msg, pub, read_s, s, spec, unique,
 )
 from v1support import shared_server  # noqa: F401  (fixture)
 
@@ -500,6 +500,26 @@ def test_latest_gets_only_new_messages(shared_server):
         c.expect_silence(0.1)
         c.publish(t, [b"fresh"])
         assert c.read_messages(1, rid) == [(3, pytest.approx(time.time() * 1000, abs=5000), b"fresh")]
+
+
+def test_a_stored_batch_is_delivered_before_it_is_acknowledged(shared_server):
+    """The broker delivers a batch in the turn that learns it is stored and
+    acknowledges it after: on a connection subscribed to the topic it
+    publishes to, each batch's MSG comes before its ACK (protocol.md)."""
+    t = unique()
+    with V1Conn(shared_server.port) as c:
+        c.hello()
+        c.publish(t, [b"first"])  # the topic exists: later PUBs take the fast path
+        rid, start = c.subscribe(t, LATEST)
+        for i in range(3):
+            prid = c.send(b"PUB", pub(t, [b"m%d" % i, b"n%d" % i]))
+            kind, r, payload = c.read_frame()
+            assert (kind, r) == (b"MSG", rid), (kind, payload[:80])
+            assert [rec[::2] for rec in parse_msg(payload)[1]] == [
+                (start + 2 * i, b"m%d" % i), (start + 2 * i + 1, b"n%d" % i)]
+            kind, r, payload = c.read_frame()
+            assert (kind, r) == (b"ACK", prid)
+            assert struct.unpack(">QI", payload) == (start + 2 * i, 2)
 
 
 def test_sek(shared_server):

@@ -5,8 +5,9 @@ Data flow (see docs/design.md for the picture)::
     socket -> Connection.data_received -> codec FrameReader (one call per chunk)
            -> Broker.publish -> DiskWriter.append (pending, per topic)
            -> disk thread: encode records, pwrite, fsync policy
-           -> loop: TopicLog.written -> Broker._on_written -> wake subscribers
+           -> loop: TopicLog.written -> Broker._on_written -> Connection.deliver_now
            -> Connection._pump -> TopicLog.read + records_to_deliveries -> transport.write
+           -> the producers' acknowledgements
 """
 
 from __future__ import annotations
@@ -241,8 +242,11 @@ class Broker:
         return out
 
     def _on_written(self, topic: TopicLog) -> None:
-        for sub in topic.subscribers:
-            sub.conn.schedule_delivery(sub)
+        # Delivered in this turn of the loop, before the producers'
+        # acknowledgements are written: a caught-up consumer's latency is
+        # then the write and one send, not another turn and another send.
+        for sub in tuple(topic.subscribers):  # a delivery may end a subscription
+            sub.conn.deliver_now(sub)
 
     # -- introspection -------------------------------------------------------
 

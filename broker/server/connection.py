@@ -429,6 +429,20 @@ class Connection(V1Handlers, asyncio.Protocol):
                 and not self.closed:
             self._pump_handle = self.loop.call_soon(self._pump)
 
+    def deliver_now(self, sub: Subscription) -> None:
+        """``sub``'s topic grew (the writer, via the broker): its turn now, not next turn.
+
+        The pump runs at once, with its usual budgets; a pump already
+        scheduled is folded into this one. Paused or closed, it waits as
+        :meth:`schedule_delivery` would have it wait.
+        """
+        self._ready[sub] = None
+        if self.write_paused or self.closed:
+            return
+        if self._pump_handle is not None:
+            self._pump_handle.cancel()
+        self._pump()
+
     def _pump(self) -> None:
         """Write deliveries, round-robin over the ready subscriptions.
 
