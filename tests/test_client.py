@@ -1066,6 +1066,45 @@ def test_producer_flush_while_a_full_batch_waits(shared_server):
     assert fake.error is None, fake.error
 
 
+def test_a_delivery_wakes_a_waiting_fetch_in_one_loop_turn():
+    """A get_batch waiting on an empty buffer returns on the loop turn after
+    the MSG frame is handled (nothing in between to wake it), and its
+    timer is cancelled; with nothing delivered it returns [] once its
+    timeout has passed."""
+    from broker.client.aio import Subscription
+    from broker.codec import records, wire1
+
+    class Idle:
+        max_buffered = 1 << 30
+        connected = False
+
+        def _buffer_full(self, sub):
+            pass
+
+        def _buffer_drained(self, sub):
+            pass
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sub = Subscription(Idle(), "t", auto_commit=False)
+        fetch = loop.create_task(sub.get_batch(10, 30.0))
+        await asyncio.sleep(0)
+        assert sub._waiter is not None and not fetch.done()
+        frame = wire1.message_frame(records.encode_records([b"a", b"b"], 0, 1000),
+                                    1, b"t", 0, 2, 1 << 20)[0]
+        sub._deliver(frame[11:])  # the MSG payload, after the frame's head
+        await asyncio.sleep(0)
+        assert fetch.done()
+        assert [(m.offset, m.value) for m in fetch.result()] == [(0, b"a"), (1, b"b")]
+        assert sub._waiter is None
+        assert all(h.cancelled() for h in loop._scheduled)  # the fetch's 30 s timer
+        t0 = loop.time()
+        assert await sub.get_batch(10, 0.05) == []
+        assert loop.time() - t0 >= 0.04
+
+    asyncio.run(main())
+
+
 def test_get_batch_hands_out_frames_in_order_in_any_sizes():
     """Subscription.get_batch over several decoded frames: whole frames,
     parts of frames and single messages come out in order, each once."""

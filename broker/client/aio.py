@@ -673,14 +673,21 @@ class Subscription:
         if not self._buffered:
             if self.auto_commit:
                 self._auto_commit()
+            loop = asyncio.get_running_loop()
             while not self._buffered and not self._done:
-                self._waiter = asyncio.get_running_loop().create_future()
+                # A future and a timer, not asyncio.wait_for: a delivery
+                # wakes this task itself, a loop turn sooner (wait_for
+                # wakes a waiter of its own first, which then wakes us).
+                waiter = self._waiter = loop.create_future()
+                timer = None if timeout is None else loop.call_later(timeout, _time_out, waiter)
                 try:
-                    await asyncio.wait_for(self._waiter, timeout)
-                except asyncio.TimeoutError:
-                    return []
+                    timed_out = await waiter
                 finally:
                     self._waiter = None
+                    if timer is not None:
+                        timer.cancel()
+                if timed_out and not self._buffered:
+                    return []
             if not self._buffered:
                 if self._error is not None:
                     raise self._error
@@ -803,3 +810,9 @@ class Subscription:
 def _log_commit_error(fut: asyncio.Future) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.warning("commit failed: %s", fut.exception())
+
+
+def _time_out(waiter: asyncio.Future) -> None:
+    """``get_batch``'s timer: wake the fetch with nothing (True: timed out)."""
+    if not waiter.done():
+        waiter.set_result(True)
