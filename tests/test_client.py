@@ -1105,6 +1105,62 @@ def test_a_delivery_wakes_a_waiting_fetch_in_one_loop_turn():
     asyncio.run(main())
 
 
+def test_a_reply_wakes_its_request_in_one_loop_turn():
+    """A request's wait (publish, calls, commits) returns on the loop turn
+    after its reply is handled, and its timer is cancelled."""
+    from broker.client.aio import _reply
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        request = loop.create_task(_reply(fut, 30.0))
+        await asyncio.sleep(0)
+        assert not request.done()
+        fut.set_result(b"reply")
+        await asyncio.sleep(0)
+        assert request.done() and request.result() == b"reply"
+        assert all(h.cancelled() for h in loop._scheduled)
+
+    asyncio.run(main())
+
+
+def test_a_request_times_out_and_its_late_reply_is_dropped():
+    """publish raises TimeoutError once request_timeout passes without an
+    answer; the answer that comes later is dropped, and the next request
+    gets its own."""
+    held = []
+
+    def on_request(n, kind, rid, payload):
+        assert kind == b"PUB"
+        if not held:
+            held.append(rid)
+            return b""  # no answer, for now
+        return (_f(b"ACK", held[0], struct.pack(">QI", 0, 1))
+                + _f(b"ACK", rid, struct.pack(">QI", 1, 1)))
+
+    fake = ScriptedBroker(on_request)
+
+    async def main():
+        c = broker.AsyncClient(HOST, fake.port, heartbeat=0, reconnect=False,
+                               request_timeout=0.2)
+        await asyncio.wait_for(c.connect(), 10)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(asyncio.TimeoutError):
+                await c.publish("t", b"a")
+            assert time.monotonic() - t0 >= 0.15
+            assert await asyncio.wait_for(c.publish("t", b"b"), 10) == 1
+            assert not c._pending
+        finally:
+            await c.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        fake.close()
+    assert fake.error is None, fake.error
+
+
 def test_get_batch_hands_out_frames_in_order_in_any_sizes():
     """Subscription.get_batch over several decoded frames: whole frames,
     parts of frames and single messages come out in order, each once."""

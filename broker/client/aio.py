@@ -324,7 +324,7 @@ class AsyncClient:
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         proto.transport.write(wire1.encode(kind, rid, payload))
-        return await asyncio.wait_for(fut, self.request_timeout)
+        return await _reply(fut, self.request_timeout)
 
     async def _call(self, kind: bytes, payload: bytes = b"",
                     on_reply: Callable[[bytes], None] | None = None):
@@ -332,7 +332,7 @@ class AsyncClient:
             await asyncio.wait_for(self._connected.wait(), self.connect_timeout)
         _, fut = self._send(kind, payload, on_reply)
         await self._drain()
-        return await asyncio.wait_for(fut, self.request_timeout)
+        return await _reply(fut, self.request_timeout)
 
     async def _drain(self) -> None:
         proto = self._proto
@@ -388,7 +388,7 @@ class AsyncClient:
         msgs = values if type(values) in (list, tuple) else list(values)
         fut = self._publish_nowait(topic, msgs)
         await self._drain()
-        payload = await asyncio.wait_for(fut, self.request_timeout)
+        payload = await _reply(fut, self.request_timeout)
         return _ACK.unpack(payload)[0]
 
     def _publish_nowait(self, topic, msgs: list) -> asyncio.Future:
@@ -600,7 +600,7 @@ class Subscription:
         self.rid = rid
         self.client._subs[rid] = self
         try:
-            await asyncio.wait_for(fut, self.client.request_timeout)
+            await _reply(fut, self.client.request_timeout)
         except BaseException:
             self.client._subs.pop(rid, None)
             raise
@@ -777,7 +777,7 @@ class Subscription:
         self._cancel_commit_timer()
         fut = self._send_commit(log_errors=not wait)
         if wait and fut is not None:
-            await asyncio.wait_for(fut, self.client.request_timeout)
+            await _reply(fut, self.client.request_timeout)
 
     async def commit(self, offset: int | None = None) -> None:
         """Commit ``offset`` (default: everything yielded so far) and wait for it."""
@@ -810,6 +810,29 @@ class Subscription:
 def _log_commit_error(fut: asyncio.Future) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.warning("commit failed: %s", fut.exception())
+
+
+async def _reply(fut: asyncio.Future, timeout: float | None):
+    """``fut``'s result (a request's reply), or TimeoutError after ``timeout`` seconds.
+
+    What ``asyncio.wait_for`` does for a future, without its go-between:
+    the reply wakes the caller itself, a loop turn sooner, and no waiter
+    is made per request. On timeout the future fails (a reply arriving
+    later is dropped, as for a cancelled one); cancelling the caller
+    cancels it.
+    """
+    if timeout is None:
+        return await fut
+    timer = asyncio.get_running_loop().call_later(timeout, _expire, fut)
+    try:
+        return await fut
+    finally:
+        timer.cancel()
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
 
 
 def _time_out(waiter: asyncio.Future) -> None:
