@@ -69,3 +69,17 @@ def test_latency_floor_with_the_brokers_shape_runs(kind):
     row = re.search(r"^\| 1 \| (\d+) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", out.stdout, re.M)
     assert row, out.stdout
     assert 900 <= int(row.group(1)) <= 1001, out.stdout
+
+
+@pytest.mark.parametrize("codec", ["cython", "pure"])
+def test_batch_cost_runs(codec):
+    # bench/batch_cost.py without valgrind: two brokers (5 and 25 batches of
+    # 3 messages, each published, acknowledged and delivered), and the
+    # broker's CPU time per batch from their difference.
+    out = subprocess.run(
+        [sys.executable, "bench/batch_cost.py", "--batches", "20", "--warmup", "5", "--batch", "3"]
+        + (["--pure"] if codec == "pure" else []),
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    row = re.search(r"^\| %s \| 3 x 1024 B \| (-?[\d.]+) \| (-?[\d.]+) \|$" % codec, out.stdout, re.M)
+    assert row, out.stdout

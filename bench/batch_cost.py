@@ -1,0 +1,163 @@
+"""The broker's own work per batch at a low rate, counted rather than timed.
+
+On a noisy VM the ``latency`` scenario's CPU seconds per million messages
+move by a fifth between identical runs. This measures the same path, one
+batch at a time, in a way that repeats: a producer and a consumer (the
+client library, one process) and a broker started for the run; each
+batch of ``--batch`` messages is published, acknowledged and delivered
+before the next, with a 2 ms pause between batches, as at 10k msg/s in
+1 ms ticks (a caught-up consumer, the loop writing each small batch
+itself). The broker runs twice, for ``--warmup`` batches and for
+``--warmup + --batches``; the difference, divided by ``--batches``, is
+the cost of one batch without the broker's start and stop.
+
+With ``--valgrind`` the broker runs under ``valgrind --tool=callgrind``
+and the cost is instructions (all of its threads, user space only;
+about 1% between runs). Without it, the broker's CPU time from
+``/proc/<pid>/task/*/schedstat`` (user and system, every thread), as
+noisy as the machine.
+
+    python bench/batch_cost.py [--batches 500] [--warmup 50] [--batch 10]
+                               [--size 1024] [--pure] [--valgrind]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from broker.client.aio import AsyncClient  # noqa: E402
+
+_PAUSE = 0.002  # s between batches: the paced producer's 1 ms tick, and some
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _drive(port: int, batches: int, batch: int, size: int) -> None:
+    producer = await AsyncClient("127.0.0.1", port, client_id="cost-p", reconnect=False).connect()
+    consumer = await AsyncClient("127.0.0.1", port, client_id="cost-c", reconnect=False).connect()
+    try:
+        await producer.publish("cost", b"x" * size)  # the topic exists: PUBs take the fast path
+        sub = await consumer.subscribe("cost", start="oldest", auto_commit=True)
+        got, want = 0, 1
+        values = [os.urandom(size) for _ in range(batch)]
+        for i in range(batches + 1):
+            if i:
+                await producer.publish_batch("cost", values)
+                want += batch
+            while got < want:
+                got += len(await sub.get_batch(10_000, 60))
+            await asyncio.sleep(_PAUSE)
+        await asyncio.sleep(0.2)  # the last auto commit goes out
+    finally:
+        await consumer.close()
+        await producer.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid``'s live threads (``schedstat``: nanoseconds, not clock ticks)."""
+    total = 0
+    for path in glob.glob("/proc/%d/task/*/schedstat" % pid):
+        try:
+            with open(path) as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that just ended
+    return total / 1e9
+
+
+def _one(batches: int, args, tmp: str) -> float:
+    """Run a broker through ``batches`` batches: its instructions or CPU seconds."""
+    port = _free_port()
+    data = tempfile.mkdtemp(dir=tmp)
+    out = os.path.join(tmp, "callgrind.%d" % batches)
+    cmd = [sys.executable, "-m", "broker", "serve", "--port", str(port), "--data-dir", data,
+           "--log-level", "warning"] + (["--pure"] if args.pure else [])
+    if args.valgrind:
+        cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=" + out] + cmd
+    env = dict(os.environ)
+    env.pop("PYLOGSTREAMS_NO_EXTENSIONS", None)
+    server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("the broker did not start") from None
+                time.sleep(0.05)
+        asyncio.run(_drive(port, batches, args.batch, args.size))
+        cpu = 0.0 if args.valgrind else _cpu_seconds(server.pid)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(120)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    if not args.valgrind:
+        return cpu
+    total = 0
+    for path in glob.glob(out + "*"):  # one file per process (and thread, with --separate-threads)
+        with open(path) as f:
+            for line in f:
+                if line.startswith(("summary:", "totals:")):
+                    total += int(line.split()[1])
+                    break
+    if not total:
+        raise SystemExit("callgrind wrote no totals")
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batches", type=int, default=500, help="batches counted (default 500)")
+    ap.add_argument("--warmup", type=int, default=50, help="batches of the baseline run (default 50)")
+    ap.add_argument("--batch", type=int, default=10, help="messages per batch (default 10)")
+    ap.add_argument("--size", type=int, default=1024, help="message size in bytes (default 1024)")
+    ap.add_argument("--pure", action="store_true", help="the broker's pure-Python twin")
+    ap.add_argument("--valgrind", action="store_true",
+                    help="count instructions under callgrind (repeatable; about 20x slower)")
+    args = ap.parse_args()
+    if args.batches < 1 or args.warmup < 0 or args.batch < 1 or args.size < 8:
+        ap.error("--batches >= 1, --warmup >= 0, --batch >= 1, --size >= 8")
+    if args.valgrind and shutil.which("valgrind") is None:
+        raise SystemExit("--valgrind: valgrind is not installed (apt-get install valgrind)")
+    with tempfile.TemporaryDirectory(prefix="pls-cost-") as tmp:
+        base = _one(args.warmup, args, tmp)
+        full = _one(args.warmup + args.batches, args, tmp)
+    per_batch = (full - base) / args.batches
+    codec = "pure" if args.pure else "cython"
+    if args.valgrind:
+        print("| broker | batch | instructions per batch | per message |")
+        print("| --- | ---: | ---: | ---: |")
+        print("| %s | %d x %d B | %.0f | %.0f |" % (codec, args.batch, args.size, per_batch,
+                                                    per_batch / args.batch))
+    else:
+        print("| broker | batch | CPU us per batch | per message |")
+        print("| --- | ---: | ---: | ---: |")
+        print("| %s | %d x %d B | %.1f | %.2f |" % (codec, args.batch, args.size, per_batch * 1e6,
+                                                     per_batch * 1e6 / args.batch))
+
+
+if __name__ == "__main__":
+    main()
