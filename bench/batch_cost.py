@@ -14,8 +14,10 @@ the cost of one batch without the broker's start and stop.
 With ``--valgrind`` the broker runs under ``valgrind --tool=callgrind``
 and the cost is instructions (all of its threads, user space only;
 about 1% between runs). Without it, the broker's CPU time from
-``/proc/<pid>/task/*/schedstat`` (user and system, every thread), as
-noisy as the machine.
+``/proc/<pid>/task/*/schedstat`` (every thread), as noisy as the
+machine, and its split into user and system time from
+``/proc/<pid>/stat`` (clock ticks: 10 ms each, so count a few thousand
+batches for that column).
 
     python bench/batch_cost.py [--batches 500] [--warmup 50] [--batch 10]
                                [--size 1024] [--pure] [--valgrind]
@@ -70,8 +72,12 @@ async def _drive(port: int, batches: int, batch: int, size: int) -> None:
         await producer.close()
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU time of ``pid``'s live threads (``schedstat``: nanoseconds, not clock ticks)."""
+def _cpu_seconds(pid: int) -> tuple[float, float, float]:
+    """CPU time of ``pid``: ``(total, user, system)`` in seconds.
+
+    The total from its live threads' ``schedstat`` (nanoseconds); the
+    split from ``/proc/<pid>/stat`` (clock ticks: count enough batches).
+    """
     total = 0
     for path in glob.glob("/proc/%d/task/*/schedstat" % pid):
         try:
@@ -79,11 +85,15 @@ def _cpu_seconds(pid: int) -> float:
                 total += int(f.read().split()[0])
         except (FileNotFoundError, ProcessLookupError):
             pass  # a thread that just ended
-    return total / 1e9
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return total / 1e9, int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def _one(batches: int, args, tmp: str) -> float:
-    """Run a broker through ``batches`` batches: its instructions or CPU seconds."""
+def _one(batches: int, args, tmp: str):
+    """Run a broker through ``batches`` batches: its instructions, or its CPU seconds
+    ``(total, user, system)``."""
     port = _free_port()
     data = tempfile.mkdtemp(dir=tmp)
     out = os.path.join(tmp, "callgrind.%d" % batches)
@@ -106,7 +116,7 @@ def _one(batches: int, args, tmp: str) -> float:
                     raise SystemExit("the broker did not start") from None
                 time.sleep(0.05)
         asyncio.run(_drive(port, batches, args.batch, args.size))
-        cpu = 0.0 if args.valgrind else _cpu_seconds(server.pid)
+        cpu = (0.0, 0.0, 0.0) if args.valgrind else _cpu_seconds(server.pid)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -145,18 +155,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pls-cost-") as tmp:
         base = _one(args.warmup, args, tmp)
         full = _one(args.warmup + args.batches, args, tmp)
-    per_batch = (full - base) / args.batches
     codec = "pure" if args.pure else "cython"
     if args.valgrind:
+        per_batch = (full - base) / args.batches
         print("| broker | batch | instructions per batch | per message |")
         print("| --- | ---: | ---: | ---: |")
         print("| %s | %d x %d B | %.0f | %.0f |" % (codec, args.batch, args.size, per_batch,
                                                     per_batch / args.batch))
     else:
-        print("| broker | batch | CPU us per batch | per message |")
-        print("| --- | ---: | ---: | ---: |")
-        print("| %s | %d x %d B | %.1f | %.2f |" % (codec, args.batch, args.size, per_batch * 1e6,
-                                                     per_batch * 1e6 / args.batch))
+        total, user, system = ((b - a) / args.batches * 1e6 for a, b in zip(base, full))
+        print("| broker | batch | CPU us per batch | user | system | per message |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        print("| %s | %d x %d B | %.1f | %.0f | %.0f | %.2f |" % (
+            codec, args.batch, args.size, total, user, system, total / args.batch))
 
 
 if __name__ == "__main__":

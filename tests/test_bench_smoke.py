@@ -81,5 +81,8 @@ def test_batch_cost_runs(codec):
         + (["--pure"] if codec == "pure" else []),
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    row = re.search(r"^\| %s \| 3 x 1024 B \| (-?[\d.]+) \| (-?[\d.]+) \|$" % codec, out.stdout, re.M)
+    # (20 batches are too few for the figures to mean anything: the two
+    # brokers' start-up costs differ by more than that; the row must be there.)
+    row = re.search(r"^\| %s \| 3 x 1024 B \| -?[\d.]+ \| -?\d+ \| -?\d+ \| -?[\d.]+ \|$" % codec,
+                    out.stdout, re.M)
     assert row, out.stdout
