@@ -10,6 +10,7 @@ test ends with a fresh connection doing HEL and PNG.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import time
@@ -502,10 +503,9 @@ def test_latest_gets_only_new_messages(shared_server):
         assert c.read_messages(1, rid) == [(3, pytest.approx(time.time() * 1000, abs=5000), b"fresh")]
 
 
-def test_a_stored_batch_is_delivered_before_it_is_acknowledged(shared_server):
-    """The broker delivers a batch in the turn that learns it is stored and
-    acknowledges it after: on a connection subscribed to the topic it
-    publishes to, each batch's MSG comes before its ACK (protocol.md)."""
+def test_a_stored_batch_is_acknowledged_then_delivered(shared_server):
+    """On a connection subscribed to the topic it publishes to, each batch's
+    ACK comes before its MSG (protocol.md)."""
     t = unique()
     with V1Conn(shared_server.port) as c:
         c.hello()
@@ -514,12 +514,75 @@ def test_a_stored_batch_is_delivered_before_it_is_acknowledged(shared_server):
         for i in range(3):
             prid = c.send(b"PUB", pub(t, [b"m%d" % i, b"n%d" % i]))
             kind, r, payload = c.read_frame()
+            assert (kind, r) == (b"ACK", prid), (kind, payload[:80])
+            assert struct.unpack(">QI", payload) == (start + 2 * i, 2)
+            kind, r, payload = c.read_frame()
             assert (kind, r) == (b"MSG", rid), (kind, payload[:80])
             assert [rec[::2] for rec in parse_msg(payload)[1]] == [
                 (start + 2 * i, b"m%d" % i), (start + 2 * i + 1, b"n%d" % i)]
-            kind, r, payload = c.read_frame()
-            assert (kind, r) == (b"ACK", prid)
-            assert struct.unpack(">QI", payload) == (start + 2 * i, 2)
+
+
+def test_a_stored_batch_is_delivered_in_the_turn_that_reports_it(tmp_path):
+    """The writer's report of a stored batch writes the producer's ACK and
+    then runs the subscribers' delivery pumps there and then: when the
+    report returns, the consumer's MSG is written (in-process broker, fake
+    transports that log each frame they are given)."""
+    from broker.config import Config
+    from broker.server import Broker
+    from broker.server.connection import Connection
+    from fuzz_targets import FakeTransport
+
+    writes = []
+
+    class Logged(FakeTransport):
+        rest = 0  # bytes of a frame still to come (a frame may come in two writes)
+
+        def write(self, data) -> None:
+            super().write(data)
+            data = bytes(data)
+            while data:
+                if not self.rest:
+                    writes.append((self.peer[1], data[4:7]))
+                    self.rest = 4 + struct.unpack_from(">I", data)[0]
+                took = min(self.rest, len(data))
+                self.rest -= took
+                data = data[took:]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        b = Broker(Config(host="127.0.0.1", port=0, data_dir=str(tmp_path / "data"),
+                          fsync="never"))
+        await b.start()
+        try:
+            ends = []
+            for port in (1, 2):  # 1 publishes, 2 consumes
+                conn = Connection(b)
+                t = Logged(loop, conn, ("127.0.0.1", port))
+                conn.connection_made(t)
+                conn.data_received(frame(b"HEL", 1, hel(1, b"c%d" % port)))
+                ends.append(conn)
+            producer, consumer = ends
+            topic = unique()
+            producer.data_received(frame(b"PUB", 2, pub(topic, [b"first"])))
+            consumer.data_received(frame(b"SUB", 2, spec(topic, LATEST)))
+            await b.writer.flush()
+            reports = []
+            real_done = b.writer._done
+
+            def done(job):
+                del writes[:]
+                real_done(job)
+                reports.append(list(writes))
+
+            b.writer._done = done
+            for rid in (3, 4):
+                producer.data_received(frame(b"PUB", rid, pub(topic, [b"m%d" % rid])))
+                await b.writer.flush()
+            assert reports == [[(1, b"ACK"), (2, b"MSG")]] * 2
+        finally:
+            await b.stop()
+
+    asyncio.run(main())
 
 
 def test_sek(shared_server):

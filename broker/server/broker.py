@@ -5,9 +5,9 @@ Data flow (see docs/design.md for the picture)::
     socket -> Connection.data_received -> codec FrameReader (one call per chunk)
            -> Broker.publish -> DiskWriter.append (pending, per topic)
            -> disk thread: encode records, pwrite, fsync policy
-           -> loop: TopicLog.written -> Broker._on_written -> Connection.deliver_now
+           -> loop: TopicLog.written, the producers' acknowledgements,
+              Broker._on_written -> Connection.deliver_now (the same turn)
            -> Connection._pump -> TopicLog.read + records_to_deliveries -> transport.write
-           -> the producers' acknowledgements
 """
 
 from __future__ import annotations
@@ -242,9 +242,9 @@ class Broker:
         return out
 
     def _on_written(self, topic: TopicLog) -> None:
-        # Delivered in this turn of the loop, before the producers'
-        # acknowledgements are written: a caught-up consumer's latency is
-        # then the write and one send, not another turn and another send.
+        # Delivered in this turn of the loop (the writer reports the batch,
+        # acknowledges it, then calls this): a caught-up consumer's latency
+        # is the write and the sends, not another turn of the loop.
         for sub in tuple(topic.subscribers):  # a delivery may end a subscription
             sub.conn.deliver_now(sub)
 

@@ -518,7 +518,6 @@ class DiskWriter:
             if tail is not None and result.buf is not None:
                 tail.add(topic, result.end_offset - result.count, result.end_offset, result.buf)
             result.buf = None
-            self._on_written(topic)
         errors = job.errors
         if len(stored) + len(errors) < len(job.appends):
             # The disk thread failed before reaching some topics: not stored.
@@ -549,6 +548,11 @@ class DiskWriter:
                 cb(None if exc else base + rel, count, exc)
             except Exception:
                 log.exception("on_stored callback failed")
+        # Then the subscribers: their pumps run now (Broker._on_written), a
+        # send each; the acknowledgements went first, so a producer's next
+        # batch is on its way while a topic's many consumers are served.
+        for topic in stored:
+            self._on_written(topic)
         for fut, result, exc in job.call_results:
             if fut.done():
                 continue
