@@ -522,59 +522,81 @@ def test_a_stored_batch_is_acknowledged_then_delivered(shared_server):
                 (start + 2 * i, b"m%d" % i), (start + 2 * i + 1, b"n%d" % i)]
 
 
+class _FrameLog:
+    """Fake transports (tests/fuzz_targets.py) that log ``(port, frame type)``
+    for every frame a connection of an in-process broker is given."""
+
+    def __init__(self) -> None:
+        from fuzz_targets import FakeTransport
+        self.writes: list[tuple[int, bytes]] = []
+        writes = self.writes
+
+        class Logged(FakeTransport):
+            rest = 0  # bytes of a frame still to come (a frame may come in two writes)
+
+            def write(self, data) -> None:
+                super().write(data)
+                data = bytes(data)
+                while data:
+                    if not self.rest:
+                        writes.append((self.peer[1], data[4:7]))
+                        self.rest = 4 + struct.unpack_from(">I", data)[0]
+                    took = min(self.rest, len(data))
+                    self.rest -= took
+                    data = data[took:]
+
+        self.transport = Logged
+
+    def connect(self, broker_, port: int):
+        """A v1 connection to ``broker_`` (HEL sent), its transport on ``port``."""
+        from broker.server.connection import Connection
+        conn = Connection(broker_)
+        conn.connection_made(self.transport(asyncio.get_running_loop(), conn, ("127.0.0.1", port)))
+        conn.data_received(frame(b"HEL", 1, hel(1, b"c%d" % port)))
+        return conn
+
+
+async def _in_process(tmp_path, consumers: int):
+    """A started in-process broker, a producer (port 1) and ``consumers``
+    subscribed to a new topic from its end (ports 2...): ``(broker, log,
+    producer, topic)``."""
+    from broker.config import Config
+    from broker.server import Broker
+    b = Broker(Config(host="127.0.0.1", port=0, data_dir=str(tmp_path / "data"), fsync="never"))
+    await b.start()
+    log = _FrameLog()
+    producer = log.connect(b, 1)
+    topic = unique()
+    producer.data_received(frame(b"PUB", 2, pub(topic, [b"first"])))
+    for port in range(2, 2 + consumers):
+        log.connect(b, port).data_received(frame(b"SUB", 2, spec(topic, LATEST)))
+    await b.writer.flush()
+    return b, log, producer, topic
+
+
+def _reports(writer, log) -> list:
+    """The frames each of ``writer``'s reports writes, from now on."""
+    reports = []
+    real_done = writer._done
+
+    def done(job):
+        del log.writes[:]
+        real_done(job)
+        reports.append(list(log.writes))
+
+    writer._done = done
+    return reports
+
+
 def test_a_stored_batch_is_delivered_in_the_turn_that_reports_it(tmp_path):
     """The writer's report of a stored batch writes the producer's ACK and
     then runs the subscribers' delivery pumps there and then: when the
-    report returns, the consumer's MSG is written (in-process broker, fake
-    transports that log each frame they are given)."""
-    from broker.config import Config
-    from broker.server import Broker
-    from broker.server.connection import Connection
-    from fuzz_targets import FakeTransport
-
-    writes = []
-
-    class Logged(FakeTransport):
-        rest = 0  # bytes of a frame still to come (a frame may come in two writes)
-
-        def write(self, data) -> None:
-            super().write(data)
-            data = bytes(data)
-            while data:
-                if not self.rest:
-                    writes.append((self.peer[1], data[4:7]))
-                    self.rest = 4 + struct.unpack_from(">I", data)[0]
-                took = min(self.rest, len(data))
-                self.rest -= took
-                data = data[took:]
+    report returns, the consumer's MSG is written."""
 
     async def main():
-        loop = asyncio.get_running_loop()
-        b = Broker(Config(host="127.0.0.1", port=0, data_dir=str(tmp_path / "data"),
-                          fsync="never"))
-        await b.start()
+        b, log, producer, topic = await _in_process(tmp_path, 1)
         try:
-            ends = []
-            for port in (1, 2):  # 1 publishes, 2 consumes
-                conn = Connection(b)
-                t = Logged(loop, conn, ("127.0.0.1", port))
-                conn.connection_made(t)
-                conn.data_received(frame(b"HEL", 1, hel(1, b"c%d" % port)))
-                ends.append(conn)
-            producer, consumer = ends
-            topic = unique()
-            producer.data_received(frame(b"PUB", 2, pub(topic, [b"first"])))
-            consumer.data_received(frame(b"SUB", 2, spec(topic, LATEST)))
-            await b.writer.flush()
-            reports = []
-            real_done = b.writer._done
-
-            def done(job):
-                del writes[:]
-                real_done(job)
-                reports.append(list(writes))
-
-            b.writer._done = done
+            reports = _reports(b.writer, log)
             for rid in (3, 4):
                 producer.data_received(frame(b"PUB", rid, pub(topic, [b"m%d" % rid])))
                 await b.writer.flush()
@@ -583,6 +605,34 @@ def test_a_stored_batch_is_delivered_in_the_turn_that_reports_it(tmp_path):
             await b.stop()
 
     asyncio.run(main())
+
+
+def test_a_failed_delivery_leaves_the_others_and_the_ack(tmp_path, caplog):
+    """A delivery that raises (a bug) is logged; the batch is still
+    acknowledged and the topic's other subscribers still get it."""
+
+    async def main():
+        b, log, producer, topic = await _in_process(tmp_path, 3)
+        try:
+            # The first the broker serves, so that the others come after it.
+            broken = next(iter(b.store.topics[topic].subscribers)).conn
+
+            def pump():
+                raise RuntimeError("a bug in the pump")
+
+            broken._pump = pump
+            reports = _reports(b.writer, log)
+            producer.data_received(frame(b"PUB", 3, pub(topic, [b"m"])))
+            await b.writer.flush()
+            port = int(broken.peer.rsplit(":", 1)[1])
+            assert len(reports) == 1
+            assert sorted(reports[0]) == [(1, b"ACK")] + [(p, b"MSG") for p in (2, 3, 4) if p != port]
+        finally:
+            await b.stop()
+
+    asyncio.run(main())
+    assert any("delivery of topic" in r.getMessage() and "a bug in the pump" in r.exc_text
+               for r in caplog.records if r.exc_text)
 
 
 def test_sek(shared_server):

@@ -246,7 +246,10 @@ class Broker:
         # acknowledges it, then calls this): a caught-up consumer's latency
         # is the write and the sends, not another turn of the loop.
         for sub in tuple(topic.subscribers):  # a delivery may end a subscription
-            sub.conn.deliver_now(sub)
+            try:
+                sub.conn.deliver_now(sub)
+            except Exception:  # one connection's failure is not the others'
+                log.exception("%s: delivery of topic %s failed", sub.conn.peer, topic.name)
 
     # -- introspection -------------------------------------------------------
 

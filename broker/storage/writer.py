@@ -552,7 +552,10 @@ class DiskWriter:
         # send each; the acknowledgements went first, so a producer's next
         # batch is on its way while a topic's many consumers are served.
         for topic in stored:
-            self._on_written(topic)
+            try:
+                self._on_written(topic)
+            except Exception:  # as a pump in its own loop callback would be: logged, no more
+                log.exception("delivery of topic %s failed", topic.name)
         for fut, result, exc in job.call_results:
             if fut.done():
                 continue
