@@ -1066,6 +1066,18 @@ def test_producer_flush_while_a_full_batch_waits(shared_server):
     assert fake.error is None, fake.error
 
 
+class _IdleClient:
+    """What a Subscription asks of its client, for tests that feed it frames."""
+    max_buffered = 1 << 30
+    connected = False
+
+    def _buffer_full(self, sub):
+        pass
+
+    def _buffer_drained(self, sub):
+        pass
+
+
 def test_a_delivery_wakes_a_waiting_fetch_in_one_loop_turn():
     """A get_batch waiting on an empty buffer returns on the loop turn after
     the MSG frame is handled (nothing in between to wake it), and its
@@ -1074,19 +1086,9 @@ def test_a_delivery_wakes_a_waiting_fetch_in_one_loop_turn():
     from broker.client.aio import Subscription
     from broker.codec import records, wire1
 
-    class Idle:
-        max_buffered = 1 << 30
-        connected = False
-
-        def _buffer_full(self, sub):
-            pass
-
-        def _buffer_drained(self, sub):
-            pass
-
     async def main():
         loop = asyncio.get_running_loop()
-        sub = Subscription(Idle(), "t", auto_commit=False)
+        sub = Subscription(_IdleClient(), "t", auto_commit=False)
         fetch = loop.create_task(sub.get_batch(10, 30.0))
         await asyncio.sleep(0)
         assert sub._waiter is not None and not fetch.done()
@@ -1167,18 +1169,8 @@ def test_get_batch_hands_out_frames_in_order_in_any_sizes():
     from broker.client.aio import Subscription
     from broker.client.message import Message
 
-    class Idle:
-        max_buffered = 1 << 30
-        connected = False
-
-        def _buffer_full(self, sub):
-            pass
-
-        def _buffer_drained(self, sub):
-            pass
-
     async def main():
-        sub = Subscription(Idle(), "t", auto_commit=False)
+        sub = Subscription(_IdleClient(), "t", auto_commit=False)
         offset = 0
         for size in (5, 1, 300, 2, 40):
             frame = [Message("t", offset + i, 0, b"v%d" % (offset + i)) for i in range(size)]
