@@ -86,3 +86,17 @@ def test_batch_cost_runs(codec):
     row = re.search(r"^\| %s \| 3 x 1024 B \| -?[\d.]+ \| -?\d+ \| -?\d+ \| -?[\d.]+ \|$" % codec,
                     out.stdout, re.M)
     assert row, out.stdout
+
+
+@pytest.mark.parametrize("codec", ["cython", "pure"])
+def test_ack_latency_runs(codec):
+    # bench/ack_latency.py: a publisher awaiting each ACK, with 0 and then 2
+    # subscribers on its topic (a broker each); every message reaches both.
+    out = subprocess.run(
+        [sys.executable, "bench/ack_latency.py", "--subscribers", "0,2", "--count", "50"]
+        + (["--pure"] if codec == "pure" else []),
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    for n, delivered in ((0, "0 of 0"), (2, "100 of 100")):
+        assert re.search(r"^\| %s \| %d \| 50 \| \d+ \| \d+ \| %s \|$" % (codec, n, delivered),
+                         out.stdout, re.M), out.stdout
