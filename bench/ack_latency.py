@@ -19,23 +19,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from broker.bench.servers import OursServer, ServerError  # noqa: E402
 from broker.client.aio import AsyncClient  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _measure(port: int, subscribers: int, count: int, size: int) -> tuple[list, int]:
@@ -78,36 +69,19 @@ async def _measure(port: int, subscribers: int, count: int, size: int) -> tuple[
 
 
 def _run(subscribers: int, args) -> tuple[list, int]:
-    port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="pls-acks-") as data:
-        env = dict(os.environ)
-        env.pop("PYLOGSTREAMS_NO_EXTENSIONS", None)
-        server = subprocess.Popen(
-            [sys.executable, "-m", "broker", "serve", "--port", str(port), "--data-dir", data,
-             "--log-level", "warning"] + (["--pure"] if args.pure else []),
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        server = OursServer(pure=args.pure).start()
+    except ServerError as exc:
+        raise SystemExit(str(exc)) from None
+    try:
+        coro = _measure(server.port, subscribers, args.count, args.size)
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), 0.5).close()
-                    break
-                except OSError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit("the broker did not start") from None
-                    time.sleep(0.05)
-            try:
-                import uvloop
-                return uvloop.run(_measure(port, subscribers, args.count, args.size))
-            except ImportError:
-                return asyncio.run(_measure(port, subscribers, args.count, args.size))
-        finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            import uvloop
+        except ImportError:
+            return asyncio.run(coro)
+        return uvloop.run(coro)
+    finally:
+        server.stop()
 
 
 def main() -> None:

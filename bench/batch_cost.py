@@ -30,25 +30,16 @@ import asyncio
 import glob
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from broker.bench.servers import OursServer, ServerError  # noqa: E402
 from broker.client.aio import AsyncClient  # noqa: E402
 
 _PAUSE = 0.002  # s between batches: the paced producer's 1 ms tick, and some
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _drive(port: int, batches: int, batch: int, size: int) -> None:
@@ -94,36 +85,17 @@ def _cpu_seconds(pid: int) -> tuple[float, float, float]:
 def _one(batches: int, args, tmp: str):
     """Run a broker through ``batches`` batches: its instructions, or its CPU seconds
     ``(total, user, system)``."""
-    port = _free_port()
-    data = tempfile.mkdtemp(dir=tmp)
     out = os.path.join(tmp, "callgrind.%d" % batches)
-    cmd = [sys.executable, "-m", "broker", "serve", "--port", str(port), "--data-dir", data,
-           "--log-level", "warning"] + (["--pure"] if args.pure else [])
-    if args.valgrind:
-        cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=" + out] + cmd
-    env = dict(os.environ)
-    env.pop("PYLOGSTREAMS_NO_EXTENSIONS", None)
-    server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    wrapper = ("valgrind", "--tool=callgrind", "--callgrind-out-file=" + out) if args.valgrind else ()
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.5).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("the broker did not start") from None
-                time.sleep(0.05)
-        asyncio.run(_drive(port, batches, args.batch, args.size))
-        cpu = (0.0, 0.0, 0.0) if args.valgrind else _cpu_seconds(server.pid)
+        server = OursServer(pure=args.pure, wrapper=wrapper, ready_timeout=300).start()
+    except ServerError as exc:
+        raise SystemExit(str(exc)) from None
+    try:
+        asyncio.run(_drive(server.port, batches, args.batch, args.size))
+        cpu = (0.0, 0.0, 0.0) if args.valgrind else _cpu_seconds(server.proc.pid)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(120)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        server.stop()
     if not args.valgrind:
         return cpu
     total = 0
