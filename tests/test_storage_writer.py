@@ -755,7 +755,8 @@ def test_a_small_job_is_written_on_the_loop(records_impl, tmp_path, monkeypatch)
     store.close()
 
 
-def test_a_job_written_on_the_loop_is_reported_at_once_and_schedules_nothing(tmp_path):
+def test_a_job_written_on_the_loop_is_reported_at_once_and_schedules_nothing(records_impl,
+                                                                             tmp_path):
     """The loop's own write is reported in the same turn (the batch's
     acknowledgement and deliveries do not wait for the next one), and a
     report that leaves nothing pending schedules no further turn."""

@@ -388,11 +388,21 @@ class DiskWriter:
         n = self._in_flight
         return n == 0 or (n == 1 and self._pending_bytes - self._flight_bytes >= _DOUBLE_BUFFER)
 
+    def _work_waiting(self) -> bool:
+        """Whether :meth:`_kick` has anything to do (if it may submit at all).
+
+        Something to write, delete, call or checkpoint; a ``flush()``
+        waiting (answered even when there is nothing); or committed offsets
+        whose short wait (``_OFFSETS_DELAY``) is over.
+        """
+        return bool(self._pending or self._deletes or self._calls or self._want_checkpoint
+                    or self._idle_waiters or (self._offsets_due and self._offsets.dirty))
+
     def _kick(self) -> None:
         if self._kick_handle is not None:
             self._kick_handle.cancel()
             self._kick_handle = None
-        if not self._may_submit() or not self._thread.is_alive():
+        if not self._may_submit() or not self._work_waiting() or not self._thread.is_alive():
             return
         writes = self._pending or self._deletes or self._calls or self._want_checkpoint
         if not writes and not self._offsets.dirty:
@@ -401,8 +411,7 @@ class DiskWriter:
                 if not fut.done():
                     fut.set_result(None)
             return
-        if not writes and not (self._offsets_due or self._idle_waiters):
-            return  # offsets alone wait for _offsets_timer (or a flush)
+        # (Offsets alone, not yet due, never get here: _work_waiting.)
         self._offsets_due = False
         if self._offsets_handle is not None:
             self._offsets_handle.cancel()
@@ -573,9 +582,8 @@ class DiskWriter:
                     transport.resume_reading()
         # What arrived while the job was in flight (or flush() waiting for
         # it) goes next; when nothing did, as after most jobs at low rates,
-        # no turn of the loop is spent finding that out (_kick's own tests).
-        if self._pending or self._deletes or self._calls or self._want_checkpoint \
-                or self._idle_waiters or (self._offsets_due and self._offsets.dirty):
+        # no turn of the loop is spent finding that out.
+        if self._work_waiting():
             self._kick_soon()
 
     def _retention_tick(self, remaining: list | None = None) -> None:
