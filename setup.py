@@ -1,5 +1,11 @@
 """Build script: declares the Cython extensions in broker/_speedups.
 
+Two kinds: the codec, written in Cython (``broker/_speedups/*.pyx``), with
+a pure-Python twin in ``broker/_pure``; and broker modules written in plain
+Python that are also compiled as they are (``COMPILED_PY``), into
+``broker._speedups.<name>``, typed by ``broker/_speedups/<name>.pxd``, so
+that one source serves both builds.
+
 ``PYLOGSTREAMS_NO_EXTENSIONS=1`` makes a pure-Python build (the same
 variable that makes ``broker.codec`` load the pure twin at run time).
 ``PYLOGSTREAMS_CYTHON_ANNOTATE=1`` writes Cython's HTML annotation next to
@@ -13,6 +19,8 @@ import sys
 from setuptools import setup
 
 EXTENSIONS = ["frames", "records", "wire1"]
+# broker._speedups.<name> compiled from a plain-Python source (and its .pxd).
+COMPILED_PY = {"writer": "broker/storage/writer.py"}
 
 
 def _flag(name: str) -> bool:
@@ -40,12 +48,18 @@ def _ext_modules():
         )
         for name in EXTENSIONS
     ]
+    # The Python sources keep Python's semantics exactly: bounds checks and
+    # negative indexes as in Python, annotations not taken as C types.
+    py_exts = [
+        Extension("broker._speedups." + name, [source], define_macros=macros,
+                  extra_compile_args=["-O2"])
+        for name, source in COMPILED_PY.items()
+    ]
     print("pylogstreams: CYTHON build of broker._speedups (%s)"
-          % ", ".join(EXTENSIONS), file=sys.stderr)
+          % ", ".join(EXTENSIONS + list(COMPILED_PY)), file=sys.stderr)
+    common = dict(language_level=3, annotate=_flag("PYLOGSTREAMS_CYTHON_ANNOTATE"))
     return cythonize(
         exts,
-        language_level=3,
-        annotate=_flag("PYLOGSTREAMS_CYTHON_ANNOTATE"),
         compiler_directives={
             "boundscheck": False,
             "wraparound": False,
@@ -53,6 +67,16 @@ def _ext_modules():
             "embedsignature": True,
             "linetrace": trace,
         },
+        **common,
+    ) + cythonize(
+        py_exts,
+        compiler_directives={
+            "annotation_typing": False,
+            "binding": True,
+            "embedsignature": True,
+            "linetrace": trace,
+        },
+        **common,
     )
 
 

@@ -34,7 +34,7 @@ def main() -> None:
 @click.option("--data-dir", envvar="PYLOGSTREAMS_DATA_DIR", type=click.Path(file_okay=False), default=_DEFAULTS.data_dir,
               show_default=True, show_envvar=True, help="Where logs and offsets are kept.")
 @click.option("--pure", envvar="PYLOGSTREAMS_PURE", is_flag=True, default=False, show_envvar=True,
-              help="Use the pure-Python codec (same as PYLOGSTREAMS_NO_EXTENSIONS=1).")
+              help="Use the pure-Python twin: codec and writer (same as PYLOGSTREAMS_NO_EXTENSIONS=1).")
 @click.option("--heartbeat-timeout", envvar="PYLOGSTREAMS_HEARTBEAT_TIMEOUT", type=click.FloatRange(min=0.01), show_envvar=True,
               default=_DEFAULTS.heartbeat_timeout, show_default=True,
               help="Seconds of silence after which a client is disconnected.")

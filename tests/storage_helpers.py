@@ -1,9 +1,11 @@
 """Shared pieces of the storage tests (tests/test_storage_*.py).
 
-- :func:`records_impl`: a fixture running a test once per record codec
+- :func:`records_impl`: a fixture running a test once per implementation
   (ids ``py`` and ``c``). It points every storage module's ``records`` at
-  the implementation under test, so one process tests both. ``c`` fails
-  when ``broker._speedups.records`` cannot be imported, unless
+  the codec under test and makes ``DiskWriter`` (here and in the broker)
+  the writer built the same way (writer.py as it is, or compiled), so one
+  process tests both. ``c`` fails when ``broker._speedups.records`` or
+  ``broker._speedups.writer`` cannot be imported, unless
   ``PYLOGSTREAMS_NO_EXTENSIONS`` is set (a pure build), where it skips and
   says why.
 - :class:`FakeClock`: an injectable wall clock (seconds), so retention and
@@ -19,12 +21,15 @@ import errno
 import importlib
 import os
 import pkgutil
+import sys
 
 import pytest
 
+import broker.server.broker
 import broker.storage
 from broker import codec
 from broker._pure import records as pure_records
+from broker.storage import writer as pure_writer
 from broker.storage import DiskWriter, LogStore
 
 IMPL_IDS = ["py", "c"]
@@ -54,12 +59,34 @@ def storage_modules():
     return out
 
 
+def load_writer(impl_id: str):
+    """The ``DiskWriter`` for ``impl_id``: writer.py as it is (``py``), or its
+    compiled build, ``broker._speedups.writer`` (``c``)."""
+    if impl_id == "py":
+        return pure_writer.DiskWriter
+    try:
+        return importlib.import_module("broker._speedups.writer").DiskWriter
+    except ImportError as exc:
+        if codec.NO_EXTENSIONS:
+            pytest.skip("PYLOGSTREAMS_NO_EXTENSIONS is set: a pure build has no compiled writer "
+                        "(%s)" % exc)
+        pytest.fail("the compiled writer broker._speedups.writer does not import: %s" % exc)
+
+
 @pytest.fixture(params=IMPL_IDS)
 def records_impl(request, monkeypatch):
-    """Run the test with storage using one record codec; returns the module."""
+    """Run the test with storage using one implementation (the record codec, and the
+    writer built the same way: ``DiskWriter`` for :func:`start_writer` and the
+    broker); returns the codec module."""
     mod = load_records(request.param)
-    for m in storage_modules():
+    writer_cls = load_writer(request.param)
+    modules = storage_modules()
+    if "broker._speedups.writer" in sys.modules:
+        modules.append(sys.modules["broker._speedups.writer"])
+    for m in modules:
         monkeypatch.setattr(m, "records", mod)
+    for m in (sys.modules[__name__], broker.storage, broker.server.broker):
+        monkeypatch.setattr(m, "DiskWriter", writer_cls)
     return mod
 
 

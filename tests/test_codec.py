@@ -866,7 +866,7 @@ def test_records_to_deliveries_matches_encode_deliveries(codec):
 
 # -- the default build loads the compiled codec ----------------------------------
 
-def _implementation(no_extensions: str | None) -> str:
+def _implementation(no_extensions: str | None, what: str = "broker.codec.IMPLEMENTATION") -> str:
     import broker
     env = {k: v for k, v in os.environ.items() if k != "PYLOGSTREAMS_NO_EXTENSIONS"}
     if no_extensions is not None:
@@ -875,7 +875,7 @@ def _implementation(no_extensions: str | None) -> str:
     # sees the same build.
     root = Path(broker.__file__).resolve().parents[1]
     out = subprocess.run(
-        [sys.executable, "-c", "import broker.codec as c; print(c.IMPLEMENTATION)"],
+        [sys.executable, "-c", "import broker.codec, broker.storage; print(%s)" % what],
         cwd=root, env=env, capture_output=True, text=True, timeout=60, check=True)
     return out.stdout.strip()
 
@@ -887,6 +887,15 @@ def test_default_install_loads_cython():
     assert _implementation(None) == "cython"
     assert _implementation("0") == "cython"
     assert _implementation("1") == "python"
+
+
+def test_default_install_loads_the_compiled_writer():
+    """The writer's compiled build goes with the Cython codec (and its absence is a
+    test failure, not a silent fallback to writer.py)."""
+    if NO_EXTENSIONS:
+        pytest.skip(NO_EXTENSIONS_REASON)
+    assert _implementation(None, "broker.storage.DiskWriter.__module__") == "broker._speedups.writer"
+    assert _implementation("1", "broker.storage.DiskWriter.__module__") == "broker.storage.writer"
 
 
 # -- differential tests: both twins, same random input ---------------------------

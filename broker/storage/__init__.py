@@ -14,10 +14,22 @@ The format and the guarantees are described in docs/storage.md.
 - ``fileio``, ``recordwalk``: small helpers
 """
 
+import logging
+
+from .. import codec
 from .log import TopicLog
 from .offsets import OffsetStore
 from .store import DataDirLocked, LogStore
 from .topicconfig import TopicConfig
 from .writer import DiskWriter
+
+# The writer's compiled build (writer.py itself, compiled with writer.pxd)
+# goes with the Cython codec; the pure-Python broker runs writer.py as it is.
+if codec.IMPLEMENTATION == "cython":
+    try:
+        from .._speedups.writer import DiskWriter  # noqa: F811 - the compiled build
+    except ImportError as _exc:  # pragma: no cover - depends on the build
+        logging.getLogger(__name__).warning(
+            "compiled writer unavailable (%s); using broker/storage/writer.py as it is", _exc)
 
 __all__ = ["TopicLog", "OffsetStore", "LogStore", "DataDirLocked", "DiskWriter", "TopicConfig"]

@@ -62,6 +62,15 @@ failed offsets back to the loop). Published bytes waiting
 for the disk are counted; above ``append_high_water`` the producers that
 keep publishing are paused (``pause_reading``) until the backlog falls
 below ``append_low_water``. Disk calls (:meth:`DiskWriter.run`) are capped.
+
+Two builds of this one source: as it is (the pure-Python broker), and
+compiled by Cython into ``broker._speedups.writer``, where
+``broker/_speedups/writer.pxd`` makes ``DiskWriter`` and ``_Job`` extension types whose attributes are C
+fields (the loop-side work per batch is mostly attribute access on the
+writer). ``broker.storage.DiskWriter`` is the compiled one when the Cython
+codec is loaded (``broker.codec.IMPLEMENTATION``). Keep this file plain
+Python; an attribute that the ``.pxd`` does not declare still works (the
+instance has a ``__dict__``), but a test fails until it is declared.
 """
 
 from __future__ import annotations
@@ -76,18 +85,21 @@ import threading
 import time
 from typing import Callable
 
-from ..codec import records
-from ..histogram import Histogram
-from . import checkpoint as checkpoint_file
-from .fileio import fsync_dir
-from .log import TopicLog
-from .offsets import OffsetStore
-from .segment import WRITEBACK_BYTES
-from .topicconfig import TopicConfig
+# Absolute imports: this source is also compiled, as broker._speedups.writer
+# (see broker/_speedups/writer.pxd), where a relative import would look in
+# broker._speedups.
+from broker.codec import records
+from broker.histogram import Histogram
+from broker.storage import checkpoint as checkpoint_file
+from broker.storage.fileio import fsync_dir
+from broker.storage.log import TopicLog
+from broker.storage.offsets import OffsetStore
+from broker.storage.segment import WRITEBACK_BYTES
+from broker.storage.topicconfig import TopicConfig
 
 __all__ = ["DiskWriter"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("broker.storage.writer")  # one name for both builds
 
 _U64 = struct.Struct(">Q")  # a record's offset field, at byte 8
 _STOP = object()
