@@ -1,9 +1,9 @@
 # Declarations for the compiled build of broker/storage/writer.py.
 #
 # setup.py compiles that plain-Python source into broker._speedups.writer;
-# Cython finds this file by that module name and the two classes below become extension
-# types whose attributes are C fields, so the loop's many reads and writes
-# of them per batch skip the instance dictionary. The pure-Python broker
+# Cython finds this file by that module name, and the two classes below
+# become extension types whose attributes are C fields, so the loop's many
+# reads and writes of them per batch skip the instance dictionary. The pure-Python broker
 # runs writer.py as it is and never reads this file.
 #
 # Every attribute the classes set must be listed here (a test checks: a new

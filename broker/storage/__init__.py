@@ -23,8 +23,9 @@ from .store import DataDirLocked, LogStore
 from .topicconfig import TopicConfig
 from .writer import DiskWriter
 
-# The writer's compiled build (writer.py itself, compiled with writer.pxd)
-# goes with the Cython codec; the pure-Python broker runs writer.py as it is.
+# The writer's compiled build (writer.py itself, compiled with
+# broker/_speedups/writer.pxd) goes with the Cython codec; the pure-Python
+# broker runs writer.py as it is.
 if codec.IMPLEMENTATION == "cython":
     try:
         from .._speedups.writer import DiskWriter  # noqa: F811 - the compiled build

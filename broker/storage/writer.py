@@ -65,12 +65,13 @@ below ``append_low_water``. Disk calls (:meth:`DiskWriter.run`) are capped.
 
 Two builds of this one source: as it is (the pure-Python broker), and
 compiled by Cython into ``broker._speedups.writer``, where
-``broker/_speedups/writer.pxd`` makes ``DiskWriter`` and ``_Job`` extension types whose attributes are C
-fields (the loop-side work per batch is mostly attribute access on the
-writer). ``broker.storage.DiskWriter`` is the compiled one when the Cython
-codec is loaded (``broker.codec.IMPLEMENTATION``). Keep this file plain
-Python; an attribute that the ``.pxd`` does not declare still works (the
-instance has a ``__dict__``), but a test fails until it is declared.
+``broker/_speedups/writer.pxd`` makes ``DiskWriter`` and ``_Job``
+extension types whose attributes are C fields (the loop-side work per
+batch is mostly attribute access on the writer). ``broker.storage.DiskWriter``
+is the compiled one when the Cython codec is loaded
+(``broker.codec.IMPLEMENTATION``). Keep this file plain Python; an
+attribute that the ``.pxd`` does not declare still works (the instance has
+a ``__dict__``), but a test fails until it is declared.
 """
 
 from __future__ import annotations
