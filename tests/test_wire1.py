@@ -180,14 +180,44 @@ def test_reader_byte_by_byte_and_random_chunks(w):
         assert feed_all(r, chunks) == expected
 
 
+BULK = (KIND_CODES[b"PUB"], KIND_CODES[b"MSG"])  # payloads that may be views
+
+
+def _immutable_view(kind, payload) -> bool:
+    """A bulk kind's payload as a view: never of what the caller may change
+    (its bytearray, its memoryview), only of immutable bytes."""
+    return (kind in BULK and type(payload) is memoryview and payload.readonly
+            and type(payload.obj) is bytes)
+
+
 @pytest.mark.parametrize("wrap", [bytes, bytearray, memoryview], ids=["bytes", "bytearray", "memoryview"])
 def test_reader_accepts_buffers(w, wrap):
     data, expected = sample_stream()
     r = w.wire1.V1Reader()
-    got = feed_all(r, [wrap(data[:100]), wrap(data[100:])])
+    chunks = [wrap(data[:100]), wrap(data[100:])]
+    got = feed_all(r, chunks)
     assert got == expected
-    for _, _, payload in got:
-        assert type(payload) is bytes
+    assert all(type(p) is bytes or _immutable_view(k, p) for k, _r, p in got)
+    if wrap is bytearray:  # the caller reuses its buffer: what we handed out stays
+        for ch in chunks:
+            ch[:] = bytes(len(ch))
+        assert got == expected
+
+
+def test_bulk_payloads_are_views_of_the_chunk(w):
+    """A PUB or MSG frame that arrives whole in a bytes chunk is handed out
+    without a copy: a read-only view of that chunk. Other kinds are bytes."""
+    pub = raw_frame(b"PUB", 1, b"p" * 3000)
+    msg = raw_frame(b"MSG", 2, b"m" * 3000)
+    png = raw_frame(b"PNG", 3, b"")
+    chunk = pub + msg + png
+    got = w.wire1.V1Reader().feed(chunk)
+    assert [(k, rid, bytes(p)) for k, rid, p in got] == [
+        (KIND_CODES[b"PUB"], 1, b"p" * 3000), (KIND_CODES[b"MSG"], 2, b"m" * 3000),
+        (KIND_CODES[b"PNG"], 3, b"")]
+    for _, _, payload in got[:2]:
+        assert type(payload) is memoryview and payload.readonly and payload.obj is chunk
+    assert type(got[2][2]) is bytes
 
 
 def test_reader_large_frames_any_chunking(w):
@@ -210,7 +240,7 @@ def test_reader_large_frames_any_chunking(w):
             step = rnd.choice([1, 7, 11, 12, 4096, 65_536, 300_000]) if trial else len(stream)
             chunk = stream[pos:pos + step]
             got = reader.feed(chunk if trial % 2 else bytearray(chunk))
-            assert all(type(p) in (bytes, str) for _k, _r, p in got)
+            assert all(type(p) in (bytes, str) or _immutable_view(k, p) for k, _r, p in got)
             out.extend(got)
             pos += len(chunk)
             # What is held is exactly the unconsumed tail of the stream.

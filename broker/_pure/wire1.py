@@ -45,6 +45,7 @@ K_UNKNOWN = 30   # (K_UNKNOWN, rid, type): a type this version doesn't know
 K_ERROR = 31     # (K_ERROR, 0, reason: str): framing broken; the reader stops
 
 FRAME_HEADER = 7  # type + request id, counted in N
+_K_PUB, _K_MSG = KINDS[b"PUB"], KINDS[b"MSG"]  # the bulk kinds: payloads as views
 
 _U32 = struct.Struct(">I")
 _U16 = struct.Struct(">H")
@@ -67,6 +68,13 @@ class V1Reader(ChunkedReader):
     Like the v0 FrameReader: any chunking, linear cost, the length prefix
     checked against ``max_frame_bytes`` before anything is allocated, and
     no further output after a ``K_ERROR`` or ``K_CLOSE`` event.
+
+    A payload is bytes, except for the bulk kinds, ``PUB`` and ``MSG``: a
+    read-only memoryview of the (immutable) bytes the frame was found in,
+    so that a batch is not copied before its handler reads it. (The
+    compiled reader does the same for a frame lying whole in a ``bytes``
+    chunk, and copies otherwise.) Every function taking a payload takes
+    any bytes-like object.
     """
 
     __slots__ = ()
@@ -76,6 +84,7 @@ class V1Reader(ChunkedReader):
         limit = self.max_frame_bytes
         kinds = KINDS
         pos = 0
+        whole = None
         while end - pos >= 4:
             n = _unpack_u32(data, pos)[0]
             if n == 0:
@@ -95,12 +104,15 @@ class V1Reader(ChunkedReader):
                 self._need = 4 + n
                 return pos
             _, kind, rid = _HEAD.unpack_from(data, pos)
-            payload = data[pos + 4 + FRAME_HEADER:pos + 4 + n]
             code = kinds.get(kind)
             if code is None:
                 events.append((K_UNKNOWN, rid, kind))
+            elif code == _K_PUB or code == _K_MSG:
+                if whole is None:
+                    whole = memoryview(data)
+                events.append((code, rid, whole[pos + 4 + FRAME_HEADER:pos + 4 + n]))
             else:
-                events.append((code, rid, payload))
+                events.append((code, rid, data[pos + 4 + FRAME_HEADER:pos + 4 + n]))
             pos += 4 + n
         self._need = 4
         return pos

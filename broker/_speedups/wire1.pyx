@@ -16,6 +16,7 @@ from cpython.bytearray cimport (
     PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_GET_SIZE,
 )
 from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.number cimport PyNumber_Index
 from cpython.ref cimport Py_INCREF
 from libc.stdint cimport uint32_t, uint64_t
@@ -51,6 +52,8 @@ FRAME_HEADER = 7
 cdef enum:
     _FRAME_HEADER = 7
     _K_CLOSE = 0
+    _K_PUB = 2
+    _K_MSG = 23
     _K_UNKNOWN = 30
     _K_ERROR = 31
 
@@ -96,7 +99,12 @@ cdef enum:
 
 @cython.final
 cdef class V1Reader:
-    """Incremental v1 frame splitter: ``feed(data)`` -> ``[(kind, rid, payload)]``."""
+    """Incremental v1 frame splitter: ``feed(data)`` -> ``[(kind, rid, payload)]``.
+
+    A payload is bytes, except that a ``PUB`` or ``MSG`` frame lying whole
+    in a ``bytes`` chunk comes as a read-only memoryview of that chunk (the
+    bulk kinds: no copy; see the pure twin).
+    """
 
     cdef readonly Py_ssize_t max_frame_bytes
     cdef bytearray _buf
@@ -155,8 +163,10 @@ cdef class V1Reader:
                 else:
                     del buf[:pos]
                 return events
-            # Zero-copy path: parse straight from the chunk, keep only the tail.
-            pos += self._scan(<const unsigned char*>view.buf + pos, view.len - pos, events)
+            # Zero-copy path: parse straight from the chunk, keep only the tail
+            # (and a PUB or MSG payload is a view of the chunk, when it is bytes).
+            pos += self._scan(<const unsigned char*>view.buf + pos, view.len - pos, events,
+                              data if PyBytes_CheckExact(data) else None, pos)
             if not self._broken and pos < view.len:
                 buf += (<const char*>view.buf)[pos:view.len]
         finally:
@@ -179,11 +189,16 @@ cdef class V1Reader:
             self._need = 4
         return take
 
-    cdef Py_ssize_t _scan(self, const unsigned char* data, Py_ssize_t end, list events) except -1:
-        cdef Py_ssize_t pos = 0, have
+    cdef Py_ssize_t _scan(self, const unsigned char* data, Py_ssize_t end, list events,
+                          object chunk=None, Py_ssize_t base=0) except -1:
+        # ``chunk``: the bytes object ``data`` points into, at ``base`` (None
+        # when ``data`` is the reader's own buffer, which changes): the bulk
+        # kinds' payloads are then views of it instead of copies.
+        cdef Py_ssize_t pos = 0, have, start
         cdef uint32_t n, rid
         cdef int kind
         cdef Py_ssize_t limit = self.max_frame_bytes
+        cdef object whole = None
         while end - pos >= 4:
             n = load_be32(data + pos)
             if n == 0:
@@ -221,6 +236,11 @@ cdef class V1Reader:
             if kind < 0:
                 events.append((_K_UNKNOWN, rid,
                                PyBytes_FromStringAndSize(<const char*>data + pos + 4, 3)))
+            elif chunk is not None and (kind == _K_PUB or kind == _K_MSG):
+                if whole is None:
+                    whole = PyMemoryView_FromObject(chunk)
+                start = base + pos + 4 + _FRAME_HEADER
+                events.append((kind, rid, whole[start:start + n - _FRAME_HEADER]))
             else:
                 events.append((kind, rid, PyBytes_FromStringAndSize(
                     <const char*>data + pos + 4 + _FRAME_HEADER, n - _FRAME_HEADER)))
