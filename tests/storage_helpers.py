@@ -40,13 +40,19 @@ def load_records(impl_id: str):
     """The record codec module for ``impl_id`` (``py`` or ``c``)."""
     if impl_id == "py":
         return pure_records
+    return _compiled("records", "codec")
+
+
+def _compiled(name: str, what: str):
+    """``broker._speedups.<name>``: skipped (with the reason) in a pure build,
+    a failure in any other that cannot import it."""
     try:
-        return importlib.import_module("broker._speedups.records")
+        return importlib.import_module("broker._speedups." + name)
     except ImportError as exc:
         if codec.NO_EXTENSIONS:
-            pytest.skip("PYLOGSTREAMS_NO_EXTENSIONS is set: a pure build has no compiled codec "
-                        "(%s)" % exc)
-        pytest.fail("the compiled codec broker._speedups.records does not import: %s" % exc)
+            pytest.skip("PYLOGSTREAMS_NO_EXTENSIONS is set: a pure build has no compiled %s "
+                        "(%s)" % (what, exc))
+        pytest.fail("the compiled %s broker._speedups.%s does not import: %s" % (what, name, exc))
 
 
 def storage_modules():
@@ -64,13 +70,7 @@ def load_writer(impl_id: str):
     compiled build, ``broker._speedups.writer`` (``c``)."""
     if impl_id == "py":
         return pure_writer.DiskWriter
-    try:
-        return importlib.import_module("broker._speedups.writer").DiskWriter
-    except ImportError as exc:
-        if codec.NO_EXTENSIONS:
-            pytest.skip("PYLOGSTREAMS_NO_EXTENSIONS is set: a pure build has no compiled writer "
-                        "(%s)" % exc)
-        pytest.fail("the compiled writer broker._speedups.writer does not import: %s" % exc)
+    return _compiled("writer", "writer").DiskWriter
 
 
 @pytest.fixture(params=IMPL_IDS)
