@@ -21,9 +21,14 @@ iterations (N microseconds' worth on this machine, calibrated when the
 relay starts), which a slowed CPU stretches as it stretches the
 broker's own work.
 
+Several ``--work-us`` values (``--work-us 0,50,100,150``) take turns in
+each run, so that a slow stretch of the machine falls on all of them: a
+curve of p99 against the work per chunk, to set the broker's own CPU per
+batch against (``bench/hiccups.py`` shows why the curve is steep on a VM).
+
     python bench/latency_floor.py [--rate 10000] [--seconds 5] [--runs 3]
                                   [--hop none|thread|inline] [--ack]
-                                  [--work-us N] [--work-kind wall|cpu]
+                                  [--work-us N[,N...]] [--work-kind wall|cpu]
 """
 
 from __future__ import annotations
@@ -234,25 +239,33 @@ def main() -> None:
                     help="write each chunk to a file: on a writer thread and back, or on "
                          "the loop (default: none, a bare relay)")
     ap.add_argument("--ack", action="store_true", help="answer the producer for each chunk")
-    ap.add_argument("--work-us", type=float, default=0.0,
+    ap.add_argument("--work-us", default="0",
                     help="microseconds of Python per chunk on the loop and on the writer "
-                         "thread (default 0)")
+                         "thread; a comma-separated list runs each in turn, one row per "
+                         "run (default 0)")
     ap.add_argument("--work-kind", choices=("wall", "cpu"), default="wall",
                     help="wall: spin until the time has passed (a stalled CPU does not "
                          "stretch it); cpu: a fixed number of loop iterations, calibrated "
                          "when the relay starts (a slowed CPU stretches it, as it does the "
                          "broker's work) (default: wall)")
     args = ap.parse_args()
-    print("| run | messages | p50 ms | p99 ms | p99.9 ms | max ms |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    try:
+        works = [float(w) for w in args.work_us.split(",")]
+    except ValueError:
+        ap.error("--work-us: numbers separated by commas, not %r" % args.work_us)
+    if any(w < 0 for w in works):
+        ap.error("--work-us: no negative work")
+    print("| work us | run | messages | p50 ms | p99 ms | p99.9 ms | max ms |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for i in range(args.runs):
-        ls = one_run(args.rate, args.seconds, args.hop, args.ack, args.work_us, args.work_kind)
-        n = len(ls)
-        if not n:
-            print("| %d | 0 | - | - | - | - |" % (i + 1))
-            continue
-        print("| %d | %d | %.2f | %.2f | %.2f | %.2f |" % (
-            i + 1, n, ls[n // 2], ls[int(n * 0.99)], ls[int(n * 0.999)], ls[-1]))
+        for work in works:
+            ls = one_run(args.rate, args.seconds, args.hop, args.ack, work, args.work_kind)
+            n = len(ls)
+            if not n:
+                print("| %g | %d | 0 | - | - | - | - |" % (work, i + 1))
+                continue
+            print("| %g | %d | %d | %.2f | %.2f | %.2f | %.2f |" % (
+                work, i + 1, n, ls[n // 2], ls[int(n * 0.99)], ls[int(n * 0.999)], ls[-1]), flush=True)
 
 
 if __name__ == "__main__":

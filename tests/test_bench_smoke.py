@@ -63,12 +63,15 @@ def test_latency_floor_with_the_brokers_shape_runs(kind):
     # messages, each of them relayed and measured.
     out = subprocess.run(
         [sys.executable, "bench/latency_floor.py", "--rate", "2000", "--seconds", "0.5",
-         "--runs", "1", "--hop", "inline", "--ack", "--work-us", "20", "--work-kind", kind],
+         "--runs", "1", "--hop", "inline", "--ack", "--work-us", "0,20", "--work-kind", kind],
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    row = re.search(r"^\| 1 \| (\d+) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", out.stdout, re.M)
-    assert row, out.stdout
-    assert 900 <= int(row.group(1)) <= 1001, out.stdout
+    # One row per --work-us value, in the order given.
+    rows = re.findall(r"^\| ([\d.]+) \| 1 \| (\d+) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$",
+                      out.stdout, re.M)
+    assert [w for w, _ in rows] == ["0", "20"], out.stdout
+    for _, n in rows:
+        assert 900 <= int(n) <= 1001, out.stdout
 
 
 @pytest.mark.parametrize("codec", ["cython", "pure"])
@@ -100,3 +103,48 @@ def test_ack_latency_runs(codec):
     for n, delivered in ((0, "0 of 0"), (2, "100 of 100")):
         assert re.search(r"^\| %s \| %d \| 50 \| \d+ \| \d+ \| %s \|$" % (codec, n, delivered),
                          out.stdout, re.M), out.stdout
+
+
+def _hiccups():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("hiccups", os.path.join(ROOT, "bench", "hiccups.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_hiccups_finds_the_slow_phases():
+    # bench/hiccups.py's reading of its samples, on made-up ones: a run
+    # every millisecond taking 10 us, except three stretches. Five slow
+    # runs in a row are a phase; two slow runs are not (fewer than three);
+    # slow runs 12 ms apart are two phases, not one.
+    h = _hiccups()
+    ms = 1_000_000
+    taken = {t: 10_000 for t in range(1000)}
+    for t in range(100, 105):
+        taken[t] = 200_000          # 20x, a 5 ms phase
+    for t in (300, 301):
+        taken[t] = 100_000          # only two: no phase
+    for t in (500, 501, 502, 514, 515, 516):
+        taken[t] = 60_000           # 6x, then 12 ms later 6x again
+    rows = [(t * ms, ns) for t, ns in sorted(taken.items())]
+    med, found = h.phases(rows, factor=4.0)
+    assert med == 10_000
+    assert [(s // ms, n, round(x)) for s, _, n, x in found] == [(100, 5, 20), (500, 3, 6), (514, 3, 6)]
+    assert found[0][1] == 104 * ms + 200_000   # a phase ends when its last slow run does
+    text = h.report(rows, factor=4.0)
+    assert "| 1000 | 10.0 |" in text and "| 3 | 3.00 |" in text, text
+    assert "100+4 (20x), 500+2 (6x), 514+2 (6x)" in text, text   # 4.2 ms, 2.06 ms
+    # With a factor above every slowdown there is nothing to report.
+    assert h.phases(rows, factor=25.0)[1] == []
+
+
+def test_hiccups_runs():
+    # The meter itself, for a third of a second: about 300 samples, and
+    # its table.
+    out = subprocess.run([sys.executable, "bench/hiccups.py", "--seconds", "0.3"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    row = re.search(r"^\| (\d+) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| \d+ \| [\d.]+ \| [\d.]+% \|", out.stdout, re.M)
+    assert row, out.stdout
+    assert 100 <= int(row.group(1)) <= 320, out.stdout
