@@ -199,13 +199,16 @@ class DiskFaults:
     """Makes the next calls to fail of ``os.pwrite`` / ``os.fsync`` on segment
     logs, and of ``os.ftruncate``, raise EIO: set ``pwrite``, ``fsync`` or
     ``ftruncate`` to how many (``ALWAYS``: until set back to 0). A failing
-    ``pwrite`` writes half of its data first."""
+    ``pwrite`` writes half of its data first. ``pwrite`` counts
+    ``os.pwritev`` calls too (a job's parts written without joining), which
+    fail the same way."""
 
     ALWAYS = 1 << 62
 
     def __init__(self, monkeypatch) -> None:
         self.pwrite = self.fsync = self.ftruncate = 0
         real_pwrite, real_fsync, real_ftruncate = os.pwrite, os.fsync, os.ftruncate
+        real_pwritev = os.pwritev
 
         def failing(name: str, fd=None) -> bool:
             if not getattr(self, name) or (
@@ -220,6 +223,13 @@ class DiskFaults:
                 raise OSError(errno.EIO, "Input/output error")
             return real_pwrite(fd, data, pos)
 
+        def pwritev(fd, bufs, pos):
+            if failing("pwrite", fd):
+                data = b"".join(bytes(b) for b in bufs)
+                real_pwrite(fd, data[:len(data) // 2], pos)  # a partial write first
+                raise OSError(errno.EIO, "Input/output error")
+            return real_pwritev(fd, bufs, pos)
+
         def fsync(fd):
             if failing("fsync", fd):
                 raise OSError(errno.EIO, "Input/output error")
@@ -231,6 +241,7 @@ class DiskFaults:
             return real_ftruncate(fd, size)
 
         monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "pwritev", pwritev)
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(os, "ftruncate", ftruncate)
 

@@ -62,7 +62,7 @@ class AppendResult:
         self.rolled = rolled          # segments created, in order
         self.end_offset = end_offset  # offset after the last record written
         self.undo = undo              # (active before, its state before)
-        self.buf = buf                # the records written (for the tail cache)
+        self.buf = buf                # the records written, or their parts (for the tail cache)
         self.count = count            # how many
 
 
@@ -373,26 +373,38 @@ class TopicLog:
     def append(self, buf, count: int, ts_ms: int, last_len: int) -> AppendResult:
         """Write encoded records, ``ts_ms`` the newest append time among them.
 
-        ``last_len`` is the size of the last record in ``buf``. Fills the
-        active segment up to ``segment_bytes`` and rolls, as often as
-        needed; a batch that does not fit is split at a record boundary
-        (one pass over the batch's record headers, in the codec, per
-        split batch). A record bigger than a whole segment gets a segment
-        of its own. On an OSError nothing of the batch is left behind:
-        every segment touched is cut back and new ones are removed (on any
+        ``buf`` is the records, or a list of ``(records, count)`` parts
+        that follow one another (the disk thread's parts of a job, written
+        with one ``pwritev`` rather than joined). ``last_len`` is the size
+        of the last record. Fills the active segment up to
+        ``segment_bytes`` and rolls, as often as needed; a batch that does
+        not fit is split at a record boundary (one pass over the batch's
+        record headers, in the codec, per split batch; parts are joined
+        first). A record bigger than a whole segment gets a segment of its
+        own. On an OSError nothing of the batch is left behind: every
+        segment touched is cut back and new ones are removed (on any
         exception, in fact).
         """
         self.materialize()
         seg = self.active
         undo = (seg, seg.state())
         limit = self.config.segment_bytes
-        n = len(buf)
+        if type(buf) is list:
+            if len(buf) == 1:
+                buf = buf[0][0]
+                n = len(buf)
+            else:
+                n = sum([len(part) for part, _n in buf])
+        else:
+            n = len(buf)
         pieces = []
         rolled = []
         try:
             if seg.size + n <= limit or (seg.size == 0 and count == 1):
                 pieces.append((seg, seg.append(buf, count, last_len, ts_ms), seg.size))
             else:
+                if type(buf) is list:  # a roll is rare: join the parts, split where it falls
+                    buf = b"".join([part for part, _n in buf])
                 starts = recordwalk.record_starts(buf)
                 starts.append(n)
                 pos = 0   # byte position in buf of the next record to write

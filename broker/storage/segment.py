@@ -28,7 +28,8 @@ import os
 
 from ..codec import records
 from .fileio import (
-    FADV_DONTNEED, FADV_SEQUENTIAL, advise, pwrite_all, start_writeback, write_replace,
+    FADV_DONTNEED, FADV_SEQUENTIAL, advise, pwrite_all, pwritev_all, start_writeback,
+    write_replace,
 )
 from .index import ENTRY_SIZE, SparseIndex
 from .recordwalk import header_time, last_record_start
@@ -452,21 +453,37 @@ class Segment:
     def append(self, buf, count: int, last_len: int, ts_ms: int) -> bytes:
         """Write encoded records at the end, then their index entries.
 
-        ``last_len`` is the size of the last record in ``buf`` (header
+        ``buf`` is the records, or a list of ``(records, count)`` parts
+        that follow one another, written with one ``pwritev`` and never
+        joined. ``last_len`` is the size of the last record (header
         included), ``ts_ms`` its append time. Returns the new index entries;
         the loop adds them to the in-memory index with :meth:`add_index`
         when it makes the write visible.
         """
         self._wfds()
         self.cut_tail()
-        entries, due = records.index_entries(buf, self.size, self.next_index_pos,
-                                             self.interval, self.base_offset)
-        pwrite_all(self.fd, buf, self.size)
+        if type(buf) is list:
+            pos = self.size
+            due = self.next_index_pos
+            found = []
+            for part, _n in buf:
+                more, due = records.index_entries(part, pos, due, self.interval, self.base_offset)
+                if more:
+                    found.append(more)
+                pos += len(part)
+            entries = b"".join(found)
+            pwritev_all(self.fd, [part for part, _n in buf], self.size)
+            nbytes = pos - self.size
+        else:
+            entries, due = records.index_entries(buf, self.size, self.next_index_pos,
+                                                 self.interval, self.base_offset)
+            pwrite_all(self.fd, buf, self.size)
+            nbytes = len(buf)
         if entries:
             # The index is a cache rebuilt on recovery, so it is written after
             # the log and fsynced only when the segment is sealed.
             pwrite_all(self.index_fd, entries, self.index_size)
-        self.size += len(buf)
+        self.size += nbytes
         if self.size - self.written_back >= WRITEBACK_BYTES:
             start_writeback(self.fd, self.written_back, self.size - self.written_back)
             self.written_back = self.size

@@ -35,9 +35,11 @@ __all__ = ["TailCache"]
 ENTRY_OVERHEAD = 200
 
 # How many of a topic's newest batches a read looks through. A caught-up
-# subscriber is in the newest one or two; one further behind reads the
+# subscriber is in the newest write's batches: one, or a few when the disk
+# thread wrote parts of 64 KiB or more apart rather than joined (see
+# ``_records`` in broker/storage/writer.py); one further behind reads the
 # files, in larger chunks than single batches would give it.
-LOOKBACK = 4
+LOOKBACK = 16
 
 # An entry of TopicLog.tail: [first offset, end offset, records, starts],
 # starts being None until a read needs the records' positions.

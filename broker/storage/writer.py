@@ -8,11 +8,13 @@ call go to it as one job. While it writes that job, the next one
 accumulates: this is group commit, and the busier the broker the larger the
 batches.
 
-The disk thread takes each topic's batch as records (a v1 ``PUB``'s are
+The disk thread takes each topic's batches as records (a v1 ``PUB``'s are
 finished on the loop by ``wire1.publish_records``; a list of messages, from
 a v0 ``PUB`` or a v1 one parsed first, is encoded here, one codec call),
-writes it (one ``pwrite``, two when a batch straddles a segment roll) and
-applies the topic's fsync policy; the GIL is released during write and
+writes them (one ``pwrite``, or one ``pwritev`` of the batches as they are
+when some are 64 KiB or more, so that they are not copied into one buffer
+first; more when they straddle a segment roll) and applies the topic's
+fsync policy; the GIL is released during write and
 fsync. Then the loop makes the data visible (``TopicLog.written``), calls
 the ``on_stored`` callbacks and wakes the consumers. Nothing is readable,
 and so nothing is delivered or acknowledged, before it is in the file.
@@ -113,6 +115,7 @@ _RETENTION_SLICE = 256    # topics checked per loop callback by the retention ti
 _SYNC_RETRY = 0.01        # s: look again this soon when the syncer is still busy
 _DOUBLE_BUFFER = 1 << 20  # backlog (bytes) above which a second job is queued
 _OFFSETS_DELAY = 0.005    # s an offsets-only job waits for a write to ride with
+_OWN_PART_BYTES = 64 * 1024  # a topic's part of a job this big is written as it is, not joined
 
 
 class _Job:
@@ -538,7 +541,13 @@ class DiskWriter:
             topic.next_offset = result.end_offset + topic.unwritten  # (the same, but for a drift)
             topic.written(result)
             if tail is not None and result.buf is not None:
-                tail.add(topic, result.end_offset - result.count, result.end_offset, result.buf)
+                first = result.end_offset - result.count
+                if type(result.buf) is list:  # the parts as written (_records)
+                    for part, n in result.buf:
+                        tail.add(topic, first, first + n, part)
+                        first += n
+                else:
+                    tail.add(topic, first, result.end_offset, result.buf)
             result.buf = None
         errors = job.errors
         if len(stored) + len(errors) < len(job.appends):
@@ -767,8 +776,8 @@ class DiskWriter:
             # job wrote (a failed one wrote nothing, so no gap can open).
             base = topic.active.end_offset
             try:
-                buf, last_len, ts = _records(parts, base)
-                result = topic.append(buf, count, ts, last_len)
+                out, nbytes, last_len, ts = _records(parts, base)
+                result = topic.append(out, count, ts, last_len)
             except Exception as exc:  # OSError above all; anything else is refused too
                 if not isinstance(exc, OSError):
                     log.exception("append to topic %s failed", topic.name)
@@ -783,7 +792,7 @@ class DiskWriter:
             self._changed = True
             stats["batches"] += 1
             stats["messages"] += count
-            stats["bytes"] += len(buf)
+            stats["bytes"] += nbytes
             if policy == "always":
                 continue
             if policy == "interval":
@@ -1030,7 +1039,7 @@ def _stored_size(messages, count: int) -> int:
 
 
 def _records(parts: list, base: int):
-    """Disk thread: one topic's parts of a job as log records, ``(buf, last_len, ts)``.
+    """Disk thread: one topic's parts of a job as log records, ``(out, nbytes, last_len, ts)``.
 
     A part is a list of messages (v0 publishes, and v1 ones that were
     parsed first), encoded here, or finished records from
@@ -1038,10 +1047,19 @@ def _records(parts: list, base: int):
     ``base`` onwards as expected. They start elsewhere only when a batch
     queued before them failed (``_done`` then sets the loop's offsets from
     the disk's end): they are re-encoded at their place, so no gap opens.
-    Several parts (at least one) are joined for a single write; ``ts`` is
-    the last part's time, the newest.
+
+    ``out`` is the records as ``[(records, count)]`` in offset order, for
+    one ``pwritev`` (``TopicLog.append``) and then the tail cache: a part
+    of ``_OWN_PART_BYTES`` or more stays as it is (joining would copy each
+    of its bytes once more), and each run of smaller parts between them is
+    joined into one (a cheap copy, and few pieces for the write and the
+    tail cache). ``nbytes`` is their size in all; ``ts`` is the last
+    part's time, the newest.
     """
-    bufs = []
+    out = []
+    run = []
+    run_count = 0
+    nbytes = 0
     off = base
     for part, count, ts, last_len in parts:
         if type(part) is not bytearray:
@@ -1049,9 +1067,20 @@ def _records(parts: list, base: int):
             part = records.encode_records(part, off, ts)
         elif _U64.unpack_from(part, 8)[0] != off:
             part, last_len = _reoffset(part, count, off, ts)
-        bufs.append(part)
         off += count
-    return (bufs[0] if len(bufs) == 1 else b"".join(bufs)), last_len, ts
+        nbytes += len(part)
+        if len(part) < _OWN_PART_BYTES:
+            run.append(part)
+            run_count += count
+            continue
+        if run:
+            out.append((run[0] if len(run) == 1 else b"".join(run), run_count))
+            run = []
+            run_count = 0
+        out.append((part, count))
+    if run:
+        out.append((run[0] if len(run) == 1 else b"".join(run), run_count))
+    return out, nbytes, last_len, ts
 
 
 def _reoffset(buf: bytearray, count: int, base: int, ts: int):
