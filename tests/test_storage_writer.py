@@ -640,9 +640,17 @@ def _commit_then(tmp_path, offset: int, scenario):
     return result
 
 
-def test_committed_offsets_ride_with_the_next_publish(tmp_path):
+def _long_offsets_delay(monkeypatch, writer, seconds: float = 30.0) -> None:
+    """The writer's delay for an offsets-only job, made long: a test that checks
+    what happens *before* it must not race a 5 ms timer (a VM can stall that long)."""
+    import sys
+    monkeypatch.setattr(sys.modules[type(writer).__module__], "_OFFSETS_DELAY", seconds)
+
+
+def test_committed_offsets_ride_with_the_next_publish(tmp_path, monkeypatch):
     """A commit alone starts no job; the next publish's job carries it."""
     async def scenario(store, writer, spy, loop):
+        _long_offsets_delay(monkeypatch, writer)
         writer.offsets_changed()
         for _ in range(5):
             await asyncio.sleep(0)  # loop iterations, far less than the delay
@@ -674,10 +682,9 @@ def test_committed_offsets_alone_are_written_after_the_delay(tmp_path):
     _commit_then(tmp_path, 7, scenario)
 
 
-def test_flush_writes_committed_offsets_at_once(tmp_path):
-    from broker.storage import writer as writer_mod
-
+def test_flush_writes_committed_offsets_at_once(tmp_path, monkeypatch):
     async def scenario(store, writer, spy, loop):
+        _long_offsets_delay(monkeypatch, writer, 30.0)
         writer.offsets_changed()
         t0 = loop.time()
         await writer.flush()
@@ -686,7 +693,7 @@ def test_flush_writes_committed_offsets_at_once(tmp_path):
         assert not store.offsets.dirty and writer._offsets_handle is None
         return when - t0
 
-    assert _commit_then(tmp_path, 9, scenario) < writer_mod._OFFSETS_DELAY
+    assert _commit_then(tmp_path, 9, scenario) < 10.0  # not after the (30 s) delay
 
 
 # -- small jobs written on the loop (inline_write_bytes) -------------------------
