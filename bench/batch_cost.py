@@ -7,7 +7,8 @@ client library, one process) and a broker started for the run; each
 batch of ``--batch`` messages is published, acknowledged and delivered
 before the next, with a 2 ms pause between batches, as at 10k msg/s in
 1 ms ticks (a caught-up consumer, the loop writing each small batch
-itself). The broker runs twice, for ``--warmup`` batches and for
+itself); ``--pause-ms 0`` runs them back to back, which shows what the
+same work costs with warm caches. The broker runs twice, for ``--warmup`` batches and for
 ``--warmup + --batches``; the difference, divided by ``--batches``, is
 the cost of one batch without the broker's start and stop.
 
@@ -20,7 +21,7 @@ machine, and its split into user and system time from
 batches for that column).
 
     python bench/batch_cost.py [--batches 500] [--warmup 50] [--batch 10]
-                               [--size 1024] [--pure] [--valgrind]
+                               [--size 1024] [--pause-ms 2] [--pure] [--valgrind]
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ sys.path.insert(0, ROOT)
 from broker.bench.servers import OursServer, ServerError  # noqa: E402
 from broker.client.aio import AsyncClient  # noqa: E402
 
-_PAUSE = 0.002  # s between batches: the paced producer's 1 ms tick, and some
+_PAUSE_MS = 2.0  # ms between batches: the paced producer's 1 ms tick, and some
 
 
-async def _drive(port: int, batches: int, batch: int, size: int) -> None:
+async def _drive(port: int, batches: int, batch: int, size: int, pause: float) -> None:
     producer = await AsyncClient("127.0.0.1", port, client_id="cost-p", reconnect=False).connect()
     consumer = await AsyncClient("127.0.0.1", port, client_id="cost-c", reconnect=False).connect()
     try:
@@ -56,7 +57,8 @@ async def _drive(port: int, batches: int, batch: int, size: int) -> None:
                 want += batch
             while got < want:
                 got += len(await sub.get_batch(10_000, 60))
-            await asyncio.sleep(_PAUSE)
+            if pause:
+                await asyncio.sleep(pause)
         await asyncio.sleep(0.2)  # the last auto commit goes out
     finally:
         await consumer.close()
@@ -92,7 +94,7 @@ def _one(batches: int, args, tmp: str):
     except ServerError as exc:
         raise SystemExit(str(exc)) from None
     try:
-        asyncio.run(_drive(server.port, batches, args.batch, args.size))
+        asyncio.run(_drive(server.port, batches, args.batch, args.size, args.pause_ms / 1000.0))
         cpu = (0.0, 0.0, 0.0) if args.valgrind else _cpu_seconds(server.proc.pid)
     finally:
         server.stop()
@@ -116,12 +118,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=50, help="batches of the baseline run (default 50)")
     ap.add_argument("--batch", type=int, default=10, help="messages per batch (default 10)")
     ap.add_argument("--size", type=int, default=1024, help="message size in bytes (default 1024)")
+    ap.add_argument("--pause-ms", type=float, default=_PAUSE_MS,
+                    help="pause between batches, ms (default 2: as at 10k msg/s in 1 ms ticks; "
+                         "0: back to back, each batch still delivered before the next, so the "
+                         "broker's caches stay warm)")
     ap.add_argument("--pure", action="store_true", help="the broker's pure-Python twin")
     ap.add_argument("--valgrind", action="store_true",
                     help="count instructions under callgrind (repeatable; about 20x slower)")
     args = ap.parse_args()
-    if args.batches < 1 or args.warmup < 0 or args.batch < 1 or args.size < 8:
-        ap.error("--batches >= 1, --warmup >= 0, --batch >= 1, --size >= 8")
+    if args.batches < 1 or args.warmup < 0 or args.batch < 1 or args.size < 8 or args.pause_ms < 0:
+        ap.error("--batches >= 1, --warmup >= 0, --batch >= 1, --size >= 8, --pause-ms >= 0")
     if args.valgrind and shutil.which("valgrind") is None:
         raise SystemExit("--valgrind: valgrind is not installed (apt-get install valgrind)")
     with tempfile.TemporaryDirectory(prefix="pls-cost-") as tmp:
