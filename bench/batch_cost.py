@@ -8,9 +8,10 @@ batch of ``--batch`` messages is published, acknowledged and delivered
 before the next, with a 2 ms pause between batches, as at 10k msg/s in
 1 ms ticks (a caught-up consumer, the loop writing each small batch
 itself); ``--pause-ms 0`` runs them back to back, which shows what the
-same work costs with warm caches. The broker runs twice, for ``--warmup`` batches and for
-``--warmup + --batches``; the difference, divided by ``--batches``, is
-the cost of one batch without the broker's start and stop.
+same work costs with warm caches. The broker runs twice, for
+``--warmup`` batches and for ``--warmup + --batches``; the difference,
+divided by ``--batches``, is the cost of one batch without the broker's
+start and stop.
 
 With ``--valgrind`` the broker runs under ``valgrind --tool=callgrind``
 and the cost is instructions (all of its threads, user space only;

@@ -67,7 +67,10 @@ def measure(seconds: float, every_ms: float = 1.0, work_us: float = 20.0) -> lis
         time.sleep(pause)
 
 
-def phases(rows: list[tuple[int, int]], factor: float = 4.0) -> tuple[int, list[tuple[int, int, int, float]]]:
+Phase = tuple[int, int, int, float]  # start ns, end ns, slow samples, worst x median
+
+
+def phases(rows: list[tuple[int, int]], factor: float = 4.0) -> tuple[int, list[Phase]]:
     """The median run time, and the slow phases: (start ns, end ns, samples, worst x median)."""
     if not rows:
         return 0, []
@@ -95,6 +98,7 @@ def report(rows: list[tuple[int, int]], factor: float = 4.0, listed: int = 20) -
     n = len(taken)
     span = max(1, rows[-1][0] + rows[-1][1] - rows[0][0])
     slow_ns = sum(e - s for s, e, _, _ in found)
+    lengths = sorted(e - s for s, e, _, _ in found)
     worst = sorted(x for _, _, _, x in found)
     lines = [
         "| samples | work p50 us | p99 us | max us | slow phases | per s | share of time | "
@@ -103,8 +107,8 @@ def report(rows: list[tuple[int, int]], factor: float = 4.0, listed: int = 20) -
         "| %d | %.1f | %.1f | %.1f | %d | %.2f | %.1f%% | %s | %s | %s |" % (
             n, med / 1e3, taken[min(n - 1, int(n * 0.99))] / 1e3, taken[-1] / 1e3,
             len(found), len(found) / (span / 1e9), 100.0 * slow_ns / span,
-            "%.1f" % (sorted(e - s for s, e, _, _ in found)[len(found) // 2] / 1e6) if found else "-",
-            "%.1f" % (max(e - s for s, e, _, _ in found) / 1e6) if found else "-",
+            "%.1f" % (lengths[len(lengths) // 2] / 1e6) if found else "-",
+            "%.1f" % (lengths[-1] / 1e6) if found else "-",
             "%.0fx, %.0fx" % (worst[len(worst) // 2], worst[-1]) if found else "-"),
     ]
     if found and listed:

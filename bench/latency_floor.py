@@ -265,7 +265,8 @@ def main() -> None:
                 print("| %g | %d | 0 | - | - | - | - |" % (work, i + 1))
                 continue
             print("| %g | %d | %d | %.2f | %.2f | %.2f | %.2f |" % (
-                work, i + 1, n, ls[n // 2], ls[int(n * 0.99)], ls[int(n * 0.999)], ls[-1]), flush=True)
+                work, i + 1, n, ls[n // 2], ls[int(n * 0.99)], ls[int(n * 0.999)], ls[-1]),
+                flush=True)
 
 
 if __name__ == "__main__":
