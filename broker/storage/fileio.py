@@ -86,7 +86,7 @@ def pwritev_all(fd: int, bufs: list, position: int) -> None:
     views = [memoryview(b).cast("B") for b in bufs]
     i = 0
     while i < len(views):
-        n = os.pwritev(fd, views[i:i + IOV_MAX], position)
+        n = os.pwritev(fd, views[i:i + IOV_MAX], position)  # through os: tests patch it
         position += n
         while n and n >= views[i].nbytes:  # whole buffers written
             n -= views[i].nbytes
