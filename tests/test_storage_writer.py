@@ -1034,14 +1034,11 @@ def test_the_syncers_wake_ups_are_coalesced(tmp_path):
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("case", ["topic_always", "writeback", "compaction"])
+@pytest.mark.parametrize("case", ["topic_always", "compaction"])
 def test_more_jobs_that_may_wait_go_to_the_disk_thread(tmp_path, monkeypatch, case):
-    """A topic set to fsync=always, a write that starts a writeback
-    (``sync_file_range`` every 4 MiB) and a write of the offsets journal
-    that compacts it (an fsync) are the disk thread's, even when it is idle
-    and the job small."""
-    from broker.storage.segment import WRITEBACK_BYTES
-
+    """A topic set to fsync=always and a write of the offsets journal that
+    compacts it (an fsync) are the disk thread's, even when it is idle and
+    the job small."""
     threads = WriterThreads(monkeypatch)
 
     async def main():
@@ -1051,9 +1048,8 @@ def test_more_jobs_that_may_wait_go_to_the_disk_thread(tmp_path, monkeypatch, ca
             await writer.set_topic_config("t", fsync="always")
         topic = store.get_or_create("t")
         loop = asyncio.get_running_loop()
-        first = [b"a" * (WRITEBACK_BYTES - 30_000)] if case == "writeback" else [b"a"]
         done, on_stored = _stored(loop)
-        publish(writer, topic, first, on_stored)  # the topic's first write: disk thread
+        publish(writer, topic, [b"a"], on_stored)  # the topic's first write: disk thread
         await asyncio.wait_for(done, 10)
         if case == "compaction":
             store.offsets.set(b"client", "t", 1)
@@ -1069,6 +1065,70 @@ def test_more_jobs_that_may_wait_go_to_the_disk_thread(tmp_path, monkeypatch, ca
 
     asyncio.run(main())
     assert threads.names == ["pylogstreams-disk"]
+
+
+def test_the_writeback_is_started_by_the_syncer_not_the_write(tmp_path, monkeypatch):
+    """A small write that takes a segment past a writeback mark (every
+    ``WRITEBACK_BYTES``) is still written on the loop; the syncer thread
+    starts the kernel's writeback (``sync_file_range``) of everything
+    written so far, on a descriptor of its own that it closes after.
+
+    Before, such a write went to the disk thread and waited for the
+    ``sync_file_range`` (which can block on a busy disk), and so did
+    every batch that arrived meanwhile."""
+    import sys
+
+    from broker.storage.segment import WRITEBACK_BYTES
+
+    threads = WriterThreads(monkeypatch)
+    calls = []
+    closed = []
+    called = threading.Event()
+
+    async def main():
+        store = make_store(tmp_path, segment_bytes=64 << 20)
+        writer = await start_writer(store)
+        module = sys.modules[type(writer).__module__]
+        real = module.start_writeback
+
+        def start_writeback(fd, offset, nbytes):
+            calls.append((threading.current_thread().name, fd,
+                          os.readlink("/proc/self/fd/%d" % fd), offset, nbytes))
+            real(fd, offset, nbytes)
+            called.set()  # before the close: wait for the writer's flush below
+
+        monkeypatch.setattr(module, "start_writeback", start_writeback)
+        real_close = os.close
+
+        def close(fd):
+            closed.append((threading.current_thread().name, fd))
+            real_close(fd)
+
+        monkeypatch.setattr(os, "close", close)
+        topic = store.get_or_create("t")
+        loop = asyncio.get_running_loop()
+        done, on_stored = _stored(loop)
+        publish(writer, topic, [b"a" * (WRITEBACK_BYTES - 30_000)], on_stored)  # disk thread
+        await asyncio.wait_for(done, 10)
+        await _disk_thread_idle(writer)
+        assert calls == []  # not due yet
+        threads.names.clear()
+        done, on_stored = _stored(loop)
+        publish(writer, topic, [b"b" * 40_000], on_stored)
+        assert (await asyncio.wait_for(done, 10)) == (1, 1, None)
+        assert writer.stats["inline_writes"] == 1
+        assert await loop.run_in_executor(None, called.wait, 10)
+        seg = topic.active
+        [(name, fd, path, offset, nbytes)] = calls
+        assert name == "pylogstreams-sync"
+        assert path == os.path.realpath(seg.log_path) and fd != seg.fd
+        assert (offset, nbytes) == (0, seg.size) and seg.written_back == seg.size
+        await writer.close()  # waits for the syncer
+        assert ("pylogstreams-sync", fd) in closed
+        store.close()
+
+    asyncio.run(main())
+    assert threads.names == ["MainThread"]
 
 
 def test_the_loop_never_waits_for_the_disk_threads_lock(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ import os
 
 from ..codec import records
 from .fileio import (
-    FADV_DONTNEED, FADV_SEQUENTIAL, advise, pwrite_all, pwritev_all, start_writeback,
+    FADV_DONTNEED, FADV_SEQUENTIAL, advise, pwrite_all, pwritev_all,
     write_replace,
 )
 from .index import ENTRY_SIZE, SparseIndex
@@ -487,9 +487,6 @@ class Segment:
             # the log and fsynced only when the segment is sealed.
             pwrite_all(self.index_fd, entries, self.index_size)
         self.size += nbytes
-        if self.size - self.written_back >= WRITEBACK_BYTES:
-            start_writeback(self.fd, self.written_back, self.size - self.written_back)
-            self.written_back = self.size
         self.end_offset += count
         self.next_index_pos = due
         self.index_size += len(entries)
@@ -529,6 +526,23 @@ class Segment:
     def fsync(self) -> None:
         self._wfds()
         os.fsync(self.fd)
+
+    def writeback_due(self) -> bool:
+        """Has ``WRITEBACK_BYTES`` been written since the last writeback started?"""
+        return self.size - self.written_back >= WRITEBACK_BYTES
+
+    def take_writeback(self) -> tuple[int, int, int] | None:
+        """Disk thread: ``(fd, offset, nbytes)`` of what to start writing back, or None.
+
+        ``fd`` is a private duplicate (the caller closes it), so that the
+        kernel call can run on another thread; the range is marked started.
+        None for a sealed segment (sealing fsynced it) or when nothing is due.
+        """
+        if self.sealed or self.size <= self.written_back:
+            return None
+        fd = self.dup_fd()
+        start, self.written_back = self.written_back, self.size
+        return fd, start, self.size - start
 
     def dup_fd(self) -> int:
         """Disk thread: a private descriptor of the log file, for a background fsync."""

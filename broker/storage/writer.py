@@ -41,6 +41,16 @@ everything is fsynced at a clean shutdown. At most every
 fsync has covered; at a clean shutdown the disk thread writes a final one
 marked clean.
 
+Every ``WRITEBACK_BYTES`` (4 MiB) of a segment, the syncer also starts
+the kernel's writeback of them (``sync_file_range``, as RocksDB's
+``bytes_per_sync``), so that the fsync that seals a segment has little
+left to do. It is the syncer's, not the write's: the call can block (up
+to milliseconds when the disk is busy), and when the write that crossed
+the mark made it, that write went to the disk thread instead of being
+written on the loop, and every batch arriving meanwhile waited for the
+hand-over and the call (at 10k msg/s of 1 KB, every 0.4 s; see
+docs/benchmarks.md).
+
 Retention runs on a loop timer: it drops expired segments from their topics
 (in the loop, so no reader can reach them any more) and hands their files
 to the disk thread, which drops their cached pages and deletes them.
@@ -94,10 +104,9 @@ from typing import Callable
 from broker.codec import records
 from broker.histogram import Histogram
 from broker.storage import checkpoint as checkpoint_file
-from broker.storage.fileio import fsync_dir
+from broker.storage.fileio import fsync_dir, start_writeback
 from broker.storage.log import TopicLog
 from broker.storage.offsets import OffsetStore
-from broker.storage.segment import WRITEBACK_BYTES
 from broker.storage.topicconfig import TopicConfig
 
 __all__ = ["DiskWriter"]
@@ -109,6 +118,7 @@ _STOP = object()
 _WAKE = object()           # the syncer finished a round: take its results in
 _TIMEOUT = object()        # (not queued) the disk thread's wait for a deadline ended
 _LOOP_WAKE = object()      # the loop wrote something due earlier than the thread's wait
+_WRITEBACK = object()      # (a syncer item) start the writeback of a segment's range
 _RECORD_OVERHEAD = 24     # record header bytes per message (broker/_pure/records.py)
 _MAX_CALLS = 256          # disk calls waiting for the disk thread, at most
 _RETENTION_SLICE = 256    # topics checked per loop callback by the retention timer
@@ -197,6 +207,7 @@ class DiskWriter:
         # Disk thread state.
         self._dirty: dict = {}                       # item -> fsync deadline (monotonic)
         self._sync_due = float("inf")                # earliest deadline in _dirty
+        self._writeback: dict = {}                   # segments due a writeback (ordered set)
         self._lazy: set = set()                      # fsync=never topics written (synced at stop)
         self._offsets_retry: dict = {}               # offsets whose journal write failed
         self.fsync_histogram = Histogram()           # fsync durations (s), for /metrics
@@ -476,8 +487,8 @@ class DiskWriter:
         it is written here when nothing can make it block longer. Anything
         that may wait for the disk goes to the disk thread: fsync=always, a
         segment roll (sealing fsyncs), a topic's first write, files to
-        reopen (the write cache closed them), the start of a writeback
-        (``sync_file_range``), an offsets journal compaction or retry,
+        reopen (the write cache closed them), an offsets journal compaction
+        or retry,
         deletions, disk calls and checkpoints. Under load the disk thread
         is busy (``_in_flight``) and every job goes to it.
         """
@@ -523,8 +534,7 @@ class DiskWriter:
                     or seg.fd < 0:  # opening (and evicting) files is the disk thread's
                 return False
             # job.nbytes is at least what the whole job writes (append).
-            end = seg.size + job.nbytes
-            if end > topic.config.segment_bytes or end - seg.written_back >= WRITEBACK_BYTES:
+            if seg.size + job.nbytes > topic.config.segment_bytes:
                 return False
         return True
 
@@ -713,7 +723,7 @@ class DiskWriter:
                 job.ends[topic] = topic.active.end_offset
 
     def _next_deadline(self) -> float | None:
-        due = self._sync_due
+        due = 0.0 if self._writeback else self._sync_due  # a writeback is due at once
         if self._changed and self._store is not None:
             due = min(due, self._last_checkpoint + self._checkpoint_every)
         if self._sync_busy:
@@ -727,7 +737,7 @@ class DiskWriter:
         now = time.monotonic()
         ckpt = (self._changed and self._store is not None
                 and now >= self._last_checkpoint + self._checkpoint_every)
-        if now < self._sync_due and not ckpt:
+        if now < self._sync_due and not ckpt and not self._writeback:
             return
         if self._sync_busy:
             # The previous round's fsyncs are still running (a slow disk):
@@ -735,6 +745,15 @@ class DiskWriter:
             self._busy_retry = now + _SYNC_RETRY
             return
         items = []
+        for seg in self._writeback:
+            try:
+                wb = seg.take_writeback()
+            except OSError as exc:  # EMFILE...: the next write asks again
+                log.warning("could not start a writeback of %s: %s", seg.log_path, exc)
+                continue
+            if wb is not None:
+                items.append((_WRITEBACK, wb[0], wb[1:]))
+        self._writeback = {}
         if now >= self._sync_due:
             dirty, self._dirty = self._dirty, {}
             self._sync_due = float("inf")
@@ -784,6 +803,8 @@ class DiskWriter:
                 job.errors.append((topic, count, exc))
                 job.ends[topic] = topic.active.end_offset
                 continue
+            if topic.active.writeback_due():
+                self._writeback[topic.active] = None  # the syncer starts it (_timed_work)
             policy = topic.config.fsync
             if policy == "always":
                 synced_now.append((topic, result, count))
@@ -864,6 +885,12 @@ class DiskWriter:
             ckpt_error = None
             try:
                 for item, fd, entry in items:
+                    if item is _WRITEBACK:
+                        try:
+                            start_writeback(fd, entry[0], entry[1])  # ignores errors
+                        finally:
+                            os.close(fd)
+                        continue
                     started = time.perf_counter()
                     try:
                         os.fsync(fd)
