@@ -488,9 +488,10 @@ class DiskWriter:
         that may wait for the disk goes to the disk thread: fsync=always, a
         segment roll (sealing fsyncs), a topic's first write, files to
         reopen (the write cache closed them), an offsets journal compaction
-        or retry,
-        deletions, disk calls and checkpoints. Under load the disk thread
-        is busy (``_in_flight``) and every job goes to it.
+        or retry, deletions, disk calls and checkpoints. A write that is
+        due a writeback start stays here: that is the syncer's
+        (``_timed_work``). Under load the disk thread is busy
+        (``_in_flight``) and every job goes to it.
         """
         if not self._disk_lock.acquire(False):
             return False  # the disk thread is at work (timed work or stopping)
