@@ -200,9 +200,15 @@ def read_fsync_log(log_path: str) -> tuple[dict, dict]:
     except FileNotFoundError:
         return files, dirs
     for line in lines:
-        if not line.endswith("}"):
-            continue  # cannot happen (one os.write per line), but never trust a tail
-        e = json.loads(line)
+        # One os.write per line, but a SIGKILL can still cut one short: the
+        # kernel stops a write between pages for a fatal signal. The next
+        # run's line then follows the torn one on the same line. The torn
+        # record's fsync had returned, but the broker was killed before it
+        # could act on it, so nothing it covered was acknowledged: dropped.
+        start = line.rfind('{"dev"')
+        if start < 0 or not line.endswith("}"):
+            continue
+        e = json.loads(line[start:])
         key = (e["dev"], e["ino"])
         if e["kind"] == "dir":
             dirs[key] = e["entries"]
