@@ -1095,7 +1095,7 @@ def test_the_writeback_is_started_by_the_syncer_not_the_write(tmp_path, monkeypa
             calls.append((threading.current_thread().name, fd,
                           os.readlink("/proc/self/fd/%d" % fd), offset, nbytes))
             real(fd, offset, nbytes)
-            called.set()  # before the close: wait for the writer's flush below
+            called.set()  # the close follows; writer.close() below waits for it
 
         monkeypatch.setattr(module, "start_writeback", start_writeback)
         real_close = os.close

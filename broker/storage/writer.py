@@ -753,7 +753,8 @@ class DiskWriter:
                 log.warning("could not start a writeback of %s: %s", seg.log_path, exc)
                 continue
             if wb is not None:
-                items.append((_WRITEBACK, wb[0], wb[1:]))
+                fd, offset, nbytes = wb
+                items.append((_WRITEBACK, fd, (offset, nbytes)))
         self._writeback = {}
         if now >= self._sync_due:
             dirty, self._dirty = self._dirty, {}
@@ -888,7 +889,7 @@ class DiskWriter:
                 for item, fd, entry in items:
                     if item is _WRITEBACK:
                         try:
-                            start_writeback(fd, entry[0], entry[1])  # ignores errors
+                            start_writeback(fd, *entry)  # (offset, nbytes); ignores errors
                         finally:
                             os.close(fd)
                         continue
