@@ -73,7 +73,8 @@ class TopicLog:
         "name", "name_bytes", "directory", "segments", "_bases", "_sealed_bytes",
         "end_offset", "next_offset", "subscribers", "active", "interval",
         "config", "overrides", "stats", "rcache", "wcache",
-        "materialized", "last_time", "next_time", "unwritten", "durable", "tail", "tail_cache",
+        "materialized", "last_time", "next_time", "unwritten", "durable", "durable_next",
+        "unsealed", "tail", "tail_cache",
     )
 
     def __init__(self, name: str, directory: str, segments: list[Segment], config: TopicConfig,
@@ -100,6 +101,8 @@ class TopicLog:
         self.next_time = self.last_time            # least time the next publish gets, ms (loop)
         self.unwritten = 0                         # records handed to the disk thread, not reported (loop)
         self.durable: CheckpointEntry | None = None  # state at the last fsync (disk thread)
+        self.durable_next: CheckpointEntry | None = None  # one past `unsealed`, held back
+        self.unsealed: Segment | None = None  # sealed, its fsync not yet done (disk thread)
         self.tail: collections.deque = collections.deque()  # newest batches (TailCache; loop)
         self.tail_cache = None        # the TailCache keeping them (set by the LogStore)
 
@@ -145,10 +148,38 @@ class TopicLog:
             seg.create_files()
             topic = cls(name, directory, [seg], config, interval, rcache, wcache, stats, overrides)
             return topic
+        # Every segment but the last two is fsynced: a roll waits for the
+        # seal before it (_roll). The one before the last is trusted too
+        # when the checkpoint names the last one, which it does only once
+        # that seal is done (note_sealed); else it is scanned like the last.
+        trusted = len(bases) - 1
+        if trusted and (entry is None or entry.base_offset < bases[-1]):
+            trusted -= 1
         segments = [Segment.sealed_at(directory, b, nxt, sizes[b], interval, rcache, wcache)
-                    for b, nxt in zip(bases, bases[1:])]
-        last = Segment.recover(directory, bases[-1], interval, rcache, wcache,
-                               entry, clean, stats)
+                    for b, nxt in zip(bases[:trusted], bases[1:])]
+        last = None
+        if trusted < len(bases) - 1:
+            prev = Segment.recover(directory, bases[trusted], interval, rcache, wcache,
+                                   entry, False, stats)
+            if prev.end_offset == bases[-1]:
+                prev.sealed = True  # whole: the last segment follows it
+                segments.append(prev)
+            else:
+                # Its seal never reached the disk: the last segment starts
+                # past a gap, and goes (the log ends at the last valid record).
+                log.warning("segment %s ends at offset %d, not at %d where the next one "
+                            "begins: removing the next one", prev.log_path, prev.end_offset,
+                            bases[-1])
+                Segment(directory, bases[-1], interval, rcache, wcache).delete_files()
+                fsync_dir(directory)
+                stats["recovery_dropped_segments"] = (stats.get("recovery_dropped_segments", 0)
+                                                      + 1)
+                stats["recovery_truncated_bytes"] = (stats.get("recovery_truncated_bytes", 0)
+                                                     + sizes[bases[-1]])
+                last = prev
+        if last is None:
+            last = Segment.recover(directory, bases[-1], interval, rcache, wcache,
+                                   entry, clean, stats)
         if last.size == 0 and segments:
             # An empty active segment: the newest time is in the one before.
             last.last_time = segments[-1].max_time() or 0
@@ -434,8 +465,23 @@ class TopicLog:
         return AppendResult(pieces, rolled, seg.end_offset, undo, buf, count)
 
     def _roll(self, rolled: list) -> Segment:
+        """Seal the active segment and start the next one.
+
+        Under ``fsync=always`` the seal's fsync is done here: the batch
+        being written is acknowledged after it. Otherwise it is left to the
+        syncer thread (``unsealed``; the writer hands it over right after
+        this job), as Kafka flushes a rolled segment in the background, so
+        the topic's writes do not wait for it. At most one seal waits: a
+        roll finishes the previous one here first, which bounds what
+        recovery must scan to the last two segments (:meth:`open`).
+        """
         prev = self.active
-        prev.seal()
+        if self.unsealed is not None:
+            self.finish_seal()
+        durable = self.config.fsync == "always"
+        prev.seal(durable)
+        if not durable:
+            self.unsealed = prev
         seg = Segment(self.directory, prev.end_offset, self.interval, self.rcache, self.wcache)
         seg.last_time = prev.last_time
         rolled.append(seg)  # before creating: undo removes a half-created one too
@@ -454,6 +500,8 @@ class TopicLog:
                 log.exception("could not remove %s after a failed append", seg.log_path)
         self.active = active
         active.sealed = False
+        if self.unsealed is not None and self.unsealed.base_offset >= active.base_offset:
+            self.unsealed = None  # it is active again (a roll of this append)
         try:
             active.restore(state)
         except OSError:
@@ -461,7 +509,7 @@ class TopicLog:
 
     def note_synced(self) -> None:
         """Disk thread: the active segment was just fsynced up to its size."""
-        self.durable = self._entry()
+        self.note_durable(self._entry())
 
     def active_entry(self) -> CheckpointEntry:
         """Disk thread: the active segment's state now (for a background fsync)."""
@@ -471,14 +519,48 @@ class TopicLog:
         """Disk thread: a background fsync covered ``entry`` (taken before it began).
 
         An older entry than the one already durable is ignored: rounds
-        finish in order, but the disk thread syncs by itself too.
+        finish in order, but the disk thread syncs by itself too. An entry
+        past a segment whose seal is not done is held back until it is
+        (:meth:`note_sealed`): a checkpoint naming a segment tells recovery
+        that every one before it is on disk.
         """
+        unsealed = self.unsealed
+        if unsealed is not None and entry.base_offset > unsealed.base_offset:
+            held = self.durable_next
+            if held is None or (entry.base_offset, entry.size) > (held.base_offset, held.size):
+                self.durable_next = entry
+            return
         cur = self.durable
         if cur is None or (entry.base_offset, entry.size) > (cur.base_offset, cur.size):
             self.durable = entry
 
-    def _entry(self) -> CheckpointEntry:
-        seg = self.active
+    def finish_seal(self) -> None:
+        """Disk thread: fsync the segment whose seal was left for later, here and now."""
+        seg = self.unsealed
+        if seg is not None:
+            seg.sync_sealed()
+            self.note_sealed(seg)
+
+    def note_sealed(self, seg: Segment) -> None:
+        """Disk thread: ``seg``'s seal fsync is done (here or on the syncer).
+
+        What is durable moves on to the segment after it: its start, or
+        what an fsync of it covered meanwhile (``durable_next``).
+        """
+        if self.unsealed is not seg:
+            return  # already done here, before the syncer reported it
+        self.unsealed = None
+        held, self.durable_next = self.durable_next, None
+        nxt = self.active
+        if nxt.base_offset != seg.end_offset:
+            return  # cannot happen while a roll waits for the seal before it
+        if held is None or held.base_offset != nxt.base_offset:
+            held = CheckpointEntry(nxt.base_offset, 0, nxt.base_offset, 0, seg.last_time, 0, 0)
+        self.note_durable(held)
+
+    def _entry(self, seg: Segment | None = None) -> CheckpointEntry:
+        if seg is None:
+            seg = self.active
         return CheckpointEntry(seg.base_offset, seg.size, seg.end_offset, seg.last_pos,
                                seg.last_time, seg.index_size, seg.next_index_pos)
 
@@ -486,12 +568,13 @@ class TopicLog:
         """Disk thread: what the checkpoint may claim for this topic.
 
         The state at the last fsync; under ``fsync=never`` the current one
-        (nothing is ever synced, and a process crash keeps the page cache).
+        (nothing is ever synced, and a process crash keeps the page cache),
+        or while a seal waits, the whole of the segment that waits for it.
         """
         if not self.materialized:
             return None
         if self.config.fsync == "never":
-            return self._entry()
+            return self._entry(self.unsealed)
         return self.durable
 
     def close(self) -> None:

@@ -124,8 +124,11 @@ class Segment:
                   interval: int, rcache, wcache) -> "Segment":
         """A segment that is not the last one: its extent is trusted, nothing is opened.
 
-        Sealed segments were fsynced (log and index) before the next one was
-        created, so a crash cannot have damaged them.
+        Every segment but the last two is fsynced (log and index): a roll
+        waits for the seal of the segment before it (``TopicLog._roll``), so
+        a crash cannot have damaged them. The one before the last is
+        trusted only when the checkpoint says its seal was done
+        (``TopicLog.open``).
         """
         seg = cls(directory, base_offset, interval, rcache, wcache)
         seg.size = seg.readable_size = seg.written_back = size
@@ -536,7 +539,7 @@ class Segment:
 
         ``fd`` is a private duplicate (the caller closes it), so that the
         kernel call can run on another thread; the range is marked started.
-        None for a sealed segment (sealing fsynced it) or when nothing is due.
+        None for a sealed segment (its seal fsyncs it) or when nothing is due.
         """
         if self.sealed or self.size <= self.written_back:
             return None
@@ -549,19 +552,40 @@ class Segment:
         self._wfds()
         return os.dup(self.fd)
 
-    def seal(self) -> None:
+    def seal(self, durable: bool = True) -> None:
         """Disk thread: the segment stops being the active one.
 
-        Log and index are fsynced, which is what lets recovery trust every
-        segment but the last without reading it.
+        With ``durable``, log and index are fsynced here. Without, that is
+        left to :meth:`sync_sealed`, which the syncer thread calls (see
+        :meth:`TopicLog._roll <broker.storage.log.TopicLog._roll>`): at most
+        one sealed segment per topic waits for it, so recovery can trust
+        every segment but the last two without reading them.
         """
         self._wfds()
         self.cut_tail()
-        os.fsync(self.fd)
-        os.fsync(self.index_fd)
+        if durable:
+            os.fsync(self.fd)
+            os.fsync(self.index_fd)
         self.sealed = True
         self.wcache.discard(self)
         self.release_writer()
+
+    def sync_sealed(self) -> None:
+        """Any thread: fsync a sealed segment's log and index (a seal left for later).
+
+        Through descriptors of its own, opened by name: the segment's
+        write descriptors are closed once it is sealed. A file retention
+        has deleted meanwhile needs nothing.
+        """
+        for path in (self.log_path, self.index_path):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def delete_files(self) -> None:
         """Disk thread: drop the segment's cached pages, then its files."""

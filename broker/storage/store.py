@@ -252,6 +252,10 @@ class LogStore:
                          int(self.clock() * 1000))
         self._clean = clean
 
+    def topic_list(self) -> list:
+        """Disk thread: the topics, as a list taken safely while the loop may add one."""
+        return _snapshot(self.topics)
+
     def checkpoint_entries(self) -> dict:
         """Disk thread: each topic's checkpoint entry (see :meth:`write_checkpoint`)."""
         entries = {}
@@ -276,6 +280,7 @@ class LogStore:
             try:
                 for topic in self.topics.values():
                     if topic.materialized:
+                        topic.finish_seal()
                         topic.active.fsync()
                         topic.note_synced()
                 self.offsets.fsync()

@@ -119,6 +119,7 @@ _WAKE = object()           # the syncer finished a round: take its results in
 _TIMEOUT = object()        # (not queued) the disk thread's wait for a deadline ended
 _LOOP_WAKE = object()      # the loop wrote something due earlier than the thread's wait
 _WRITEBACK = object()      # (a syncer item) start the writeback of a segment's range
+_SEAL = object()           # (a syncer item) fsync a segment sealed by a roll
 _RECORD_OVERHEAD = 24     # record header bytes per message (broker/_pure/records.py)
 _MAX_CALLS = 256          # disk calls waiting for the disk thread, at most
 _RETENTION_SLICE = 256    # topics checked per loop callback by the retention timer
@@ -208,6 +209,7 @@ class DiskWriter:
         self._dirty: dict = {}                       # item -> fsync deadline (monotonic)
         self._sync_due = float("inf")                # earliest deadline in _dirty
         self._writeback: dict = {}                   # segments due a writeback (ordered set)
+        self._seals: dict = {}                       # topic -> its sealed segment to fsync
         self._lazy: set = set()                      # fsync=never topics written (synced at stop)
         self._offsets_retry: dict = {}               # offsets whose journal write failed
         self.fsync_histogram = Histogram()           # fsync durations (s), for /metrics
@@ -724,7 +726,8 @@ class DiskWriter:
                 job.ends[topic] = topic.active.end_offset
 
     def _next_deadline(self) -> float | None:
-        due = 0.0 if self._writeback else self._sync_due  # a writeback is due at once
+        # A writeback or a seal is due at once.
+        due = 0.0 if self._writeback or self._seals else self._sync_due
         if self._changed and self._store is not None:
             due = min(due, self._last_checkpoint + self._checkpoint_every)
         if self._sync_busy:
@@ -738,14 +741,18 @@ class DiskWriter:
         now = time.monotonic()
         ckpt = (self._changed and self._store is not None
                 and now >= self._last_checkpoint + self._checkpoint_every)
-        if now < self._sync_due and not ckpt and not self._writeback:
+        if now < self._sync_due and not ckpt and not self._writeback and not self._seals:
             return
         if self._sync_busy:
             # The previous round's fsyncs are still running (a slow disk):
             # look again shortly; what is dirty stays dirty.
             self._busy_retry = now + _SYNC_RETRY
             return
-        items = []
+        # Seals first: an fsync of a topic's next segment in this round
+        # counts only once the seal before it is done (note_durable).
+        items = [(_SEAL, seg, topic) for topic, seg in self._seals.items()
+                 if topic.unsealed is seg]
+        self._seals = {}
         for seg in self._writeback:
             try:
                 wb = seg.take_writeback()
@@ -807,6 +814,8 @@ class DiskWriter:
                 continue
             if topic.active.writeback_due():
                 self._writeback[topic.active] = None  # the syncer starts it (_timed_work)
+            if result.rolled and topic.unsealed is not None:
+                self._seals[topic] = topic.unsealed  # the syncer fsyncs it (_timed_work)
             policy = topic.config.fsync
             if policy == "always":
                 synced_now.append((topic, result, count))
@@ -894,6 +903,13 @@ class DiskWriter:
                             os.close(fd)
                         continue
                     started = time.perf_counter()
+                    if item is _SEAL:  # fd is the Segment, entry its TopicLog
+                        try:
+                            fd.sync_sealed()
+                            done.append((fd, entry, time.perf_counter() - started, None))
+                        except OSError as exc:
+                            done.append((fd, entry, 0.0, exc))
+                        continue
                     try:
                         os.fsync(fd)
                         done.append((item, entry, time.perf_counter() - started, None))
@@ -941,12 +957,16 @@ class DiskWriter:
             for item, entry, seconds, exc in done:
                 if exc is not None:
                     # Already acknowledged: all we can do is say so loudly.
+                    # (A seal that failed stays waiting: the topic's next
+                    # roll, or the shutdown, fsyncs it again.)
                     self.stats["fsync_errors"] += 1
                     log.error("fsync failed: %s", exc)
                     continue
                 self.fsync_histogram.observe(seconds)
                 self.stats["fsyncs"] += 1
-                if entry is not None:
+                if isinstance(entry, TopicLog):  # (TopicLog, sealed Segment)
+                    entry.note_sealed(item)
+                elif entry is not None:
                     item.note_durable(entry)
             if checkpointed:
                 if ckpt_error is None:
@@ -973,6 +993,7 @@ class DiskWriter:
         """fsync what waits for it (``everything``: fsync=never topics too), here and now."""
         if everything:
             self._syncer_idle()
+            self._finish_seals()
         dirty, self._dirty = self._dirty, {}
         self._sync_due = float("inf")
         items = list(dirty)
@@ -993,6 +1014,25 @@ class DiskWriter:
                 # Already acknowledged: all we can do is say so loudly.
                 self.stats["fsync_errors"] += 1
                 log.error("fsync failed: %s", exc)
+
+    def _finish_seals(self) -> None:
+        """fsync every sealed segment still waiting for it, here and now."""
+        if self._store is not None:
+            topics = self._store.topic_list()  # (a loop may add one meanwhile)
+        else:
+            topics = list(self._seals)
+        for topic in topics:
+            if topic.unsealed is None:
+                continue
+            try:
+                started = time.perf_counter()
+                topic.finish_seal()
+                self.fsync_histogram.observe(time.perf_counter() - started)
+                self.stats["fsyncs"] += 1
+            except OSError as exc:
+                self.stats["fsync_errors"] += 1
+                log.error("fsync of a sealed segment of topic %s failed: %s", topic.name, exc)
+        self._seals = {}
 
     def _write_checkpoint(self, clean: bool) -> None:
         store = self._store
