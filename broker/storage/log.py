@@ -467,13 +467,17 @@ class TopicLog:
     def _roll(self, rolled: list) -> Segment:
         """Seal the active segment and start the next one.
 
-        Under ``fsync=always`` the seal's fsync is done here: the batch
-        being written is acknowledged after it. Otherwise it is left to the
-        syncer thread (``unsealed``; the writer hands it over right after
-        this job), as Kafka flushes a rolled segment in the background, so
-        the topic's writes do not wait for it. At most one seal waits: a
-        roll finishes the previous one here first, which bounds what
-        recovery must scan to the last two segments (:meth:`open`).
+        Under ``fsync=always`` the seal's fsyncs (the segment's files, and
+        the directory for the new one's names) are done here: the batch
+        being written is acknowledged after them. Otherwise they are left
+        to the syncer thread (``unsealed``; the writer hands them over right
+        after this job), as Kafka flushes a rolled segment in the
+        background, so that the topic's writes do not wait for the disk:
+        on ext4 the directory's fsync commits the journal, which first
+        writes out the data of the segment just sealed (about 100 ms for
+        64 MiB on a 400 MB/s disk). At most one seal waits: a roll
+        finishes the previous one here first, which bounds what recovery
+        must scan to the last two segments (:meth:`open`).
         """
         prev = self.active
         if self.unsealed is not None:
@@ -486,7 +490,8 @@ class TopicLog:
         seg.last_time = prev.last_time
         rolled.append(seg)  # before creating: undo removes a half-created one too
         seg.create_files()
-        fsync_dir(self.directory)
+        if durable:
+            fsync_dir(self.directory)
         self.active = seg
         return seg
 
@@ -535,11 +540,16 @@ class TopicLog:
             self.durable = entry
 
     def finish_seal(self) -> None:
-        """Disk thread: fsync the segment whose seal was left for later, here and now."""
+        """Disk thread: the seal left for later (:meth:`sync_seal`), here and now."""
         seg = self.unsealed
         if seg is not None:
-            seg.sync_sealed()
+            self.sync_seal(seg)
             self.note_sealed(seg)
+
+    def sync_seal(self, seg: Segment) -> None:
+        """Any thread: fsync sealed ``seg``'s files, then the directory (the next one's names)."""
+        seg.sync_sealed()
+        fsync_dir(self.directory)
 
     def note_sealed(self, seg: Segment) -> None:
         """Disk thread: ``seg``'s seal fsync is done (here or on the syncer).

@@ -905,7 +905,7 @@ class DiskWriter:
                     started = time.perf_counter()
                     if item is _SEAL:  # fd is the Segment, entry its TopicLog
                         try:
-                            fd.sync_sealed()
+                            entry.sync_seal(fd)
                             done.append((fd, entry, time.perf_counter() - started, None))
                         except OSError as exc:
                             done.append((fd, entry, 0.0, exc))
