@@ -778,6 +778,47 @@ def test_reconnect_after_broker_restart(api, server):
         assert [m.offset for m in await sub.take(4)] == [12, 13, 14, 15]
 
 
+def test_a_connection_reset_while_connecting_is_a_failed_attempt(shared_server, monkeypatch):
+    """A reconnect whose new connection is reset before ``_open`` has it (a
+    broker starting or stopping on the port) is a failed attempt, retried
+    after the backoff. It used to become the client's connection anyway, dead,
+    and the HEL sent on it waited ``request_timeout`` (30 s) for a reply: what
+    made ``test_reconnect_after_broker_restart`` time out now and then."""
+    from broker.client import aio
+    real = aio._Protocol.connection_made
+    resets = []
+
+    def connection_made(self, transport):
+        real(self, transport)
+        if resets == ["armed"]:  # the first attempt after arming, only
+            resets.append("reset")
+            transport.abort()  # connection_lost runs before _open resumes
+
+    monkeypatch.setattr(aio._Protocol, "connection_made", connection_made)
+
+    async def main():
+        c = broker.AsyncClient(HOST, shared_server.port, heartbeat=0, reconnect=True,
+                               request_timeout=30)
+        await asyncio.wait_for(c.connect(), 10)
+        t = unique("reset")
+        sub = await c.subscribe(t, "oldest")
+        resets.append("armed")
+        c._proto.transport.abort()  # the connection goes away: the client reconnects
+        for _ in range(1000):
+            if not c.connected:
+                break
+            await asyncio.sleep(0)
+        assert not c.connected
+        await asyncio.wait_for(c.wait_connected(), 10)  # not after request_timeout
+        assert resets == ["armed", "reset"]
+        assert await c.publish(t, b"after") == 0
+        got = await sub.get_batch(1, timeout=10)
+        assert [m.value for m in got] == [b"after"]
+        await c.close()
+
+    asyncio.run(main())
+
+
 # -- errors ------------------------------------------------------------------------------
 
 def test_error_codes_map_to_exceptions():
