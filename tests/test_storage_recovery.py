@@ -177,6 +177,54 @@ def test_crash_fuzz_after_checkpoint(records_impl, tmp_path, seed):
     assert saw_trusted
 
 
+@pytest.mark.parametrize("seed", [5, 6])
+def test_crash_fuzz_torn_segment_before_the_last(records_impl, tmp_path, seed):
+    """Power lost while a roll's seal waited for the syncer: the sealed
+    segment lost a tail (cut at a random byte, bits flipped before the cut)
+    while the next one's records reached the disk. Recovery keeps the
+    longest valid prefix, which ends in the torn segment: the next one goes."""
+    rng = random.Random(seed)
+    template = tmp_path / "template"
+    build(template, rng, 60)
+    tdir_t = os.path.join(template, "topics", "t")
+    recs = layout(tdir_t)
+    names = segment_files(tdir_t)
+    torn_name, next_name = names[-2], names[-1]
+    torn_size = os.path.getsize(os.path.join(tdir_t, torn_name))
+    next_size = os.path.getsize(os.path.join(tdir_t, next_name))
+    for case in range(30):
+        dest = tmp_path / ("case%d" % case)
+        shutil.copytree(template, dest)
+        tdir = os.path.join(dest, "topics", "t")
+        torn = os.path.join(tdir, torn_name)
+        cut = rng.randrange(0, torn_size)
+        os.truncate(torn, cut)
+        flips = set()
+        with open(torn, "r+b") as f:
+            for _ in range(rng.randrange(0, 3) if cut else 0):
+                p = rng.randrange(max(0, cut - 300), cut)
+                f.seek(p)
+                byte = f.read(1)[0] ^ (1 << rng.randrange(8))
+                f.seek(p)
+                f.write(bytes([byte]))
+                flips.add(p)
+        expected = []
+        valid_end = 0
+        for name, start, end, off, payload in recs:
+            if name < torn_name:
+                expected.append((off, payload))
+            elif name == torn_name:
+                if end > cut or any(start <= q < end for q in flips):
+                    break
+                expected.append((off, payload))
+                valid_end = end
+        stats = check_recovered(dest, expected, torn, valid_end)
+        assert stats["recovery_dropped_segments"] == 1
+        assert stats["recovery_truncated_bytes"] == cut - valid_end + next_size
+        assert segment_files(tdir) == names[:-1]
+        shutil.rmtree(dest)
+
+
 def test_corruption_inside_checkpointed_prefix_is_never_served(records_impl, tmp_path):
     """Bit rot where recovery trusts the checkpoint: reads refuse, never return it."""
     rng = random.Random(5)

@@ -172,8 +172,8 @@ class TopicLog:
                             bases[-1])
                 Segment(directory, bases[-1], interval, rcache, wcache).delete_files()
                 fsync_dir(directory)
-                stats["recovery_dropped_segments"] = (stats.get("recovery_dropped_segments", 0)
-                                                      + 1)
+                stats["recovery_dropped_segments"] = (
+                    stats.get("recovery_dropped_segments", 0) + 1)
                 stats["recovery_truncated_bytes"] = (stats.get("recovery_truncated_bytes", 0)
                                                      + sizes[bases[-1]])
                 last = prev

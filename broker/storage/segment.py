@@ -556,10 +556,10 @@ class Segment:
         """Disk thread: the segment stops being the active one.
 
         With ``durable``, log and index are fsynced here. Without, that is
-        left to :meth:`sync_sealed`, which the syncer thread calls (see
-        :meth:`TopicLog._roll <broker.storage.log.TopicLog._roll>`): at most
-        one sealed segment per topic waits for it, so recovery can trust
-        every segment but the last two without reading them.
+        left to :meth:`sync_sealed`, which the syncer thread calls
+        (``TopicLog.sync_seal``; see ``TopicLog._roll``): at most one sealed
+        segment per topic waits for it, so recovery can trust every segment
+        but the last two without reading them.
         """
         self._wfds()
         self.cut_tail()

@@ -86,6 +86,7 @@ class LogStore:
             "segments_rolled": 0,
             "recovery_scanned_bytes": 0,   # log bytes checked at startup
             "recovery_truncated_bytes": 0,  # torn or corrupt tail bytes cut at startup
+            "recovery_dropped_segments": 0,  # segments removed after a torn one, at startup
             "index_rebuilds": 0,
             "tail_reads": 0,               # deliveries served from the tail cache
         }

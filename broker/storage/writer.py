@@ -34,8 +34,11 @@ Durability, per topic (``TopicLog.config.fsync``, broker default in
   disk thread keeps writing meanwhile, so it never shows up as latency.
 - ``never``: the OS writes back when it likes; fsynced at shutdown only.
 
-Whatever the policy, a segment is fsynced when it is sealed (rolled), and
-everything is fsynced at a clean shutdown. At most every
+Whatever the policy, a segment is fsynced when it is sealed (rolled):
+under ``always`` at the roll, before the batch is acknowledged; otherwise
+by the syncer, right after the job that rolled (``TopicLog._roll``: at
+most one seal waits per topic, and no checkpoint names a segment past
+it). Everything is fsynced at a clean shutdown. At most every
 ``checkpoint_interval_ms`` the syncer writes the recovery checkpoint
 (``broker/storage/checkpoint.py``), claiming for each topic only what an
 fsync has covered; at a clean shutdown the disk thread writes a final one
@@ -488,9 +491,10 @@ class DiskWriter:
         one ``pwrite`` into the page cache, the same cost as the hand-over:
         it is written here when nothing can make it block longer. Anything
         that may wait for the disk goes to the disk thread: fsync=always, a
-        segment roll (sealing fsyncs), a topic's first write, files to
-        reopen (the write cache closed them), an offsets journal compaction
-        or retry, deletions, disk calls and checkpoints. A write that is
+        segment roll (files to create, maybe a waiting seal to finish), a
+        topic's first write, files to reopen (the write cache closed them),
+        an offsets journal compaction or retry, deletions, disk calls and
+        checkpoints. A write that is
         due a writeback start stays here: that is the syncer's
         (``_timed_work``). Under load the disk thread is busy
         (``_in_flight``) and every job goes to it.
