@@ -161,26 +161,39 @@ def _install_fsync_recorder(log_path: str) -> None:
     ``os.write`` (in the kernel once it returns, so a SIGKILL of this
     process cannot lose it). The broker reports a write (ACK) only after
     its fsync returned, so every acked byte's fsync is in the log.
+
+    Two threads can fsync the same file at once (the syncer an active
+    segment, the disk thread the same segment's seal after a roll): lines
+    are appended as the calls return, not as they began. So each entry
+    also records ``start``, a system-wide monotonic time taken, with the
+    stat, under a lock: :func:`read_fsync_log` orders by it.
     """
     import stat as stat_mod
+    import threading
     log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    stat_lock = threading.Lock()
+
+    def covered(fd) -> dict:
+        st = os.fstat(fd)
+        entry = {"dev": st.st_dev, "ino": st.st_ino, "start": time.monotonic_ns()}
+        if stat_mod.S_ISDIR(st.st_mode):
+            path = os.readlink("/proc/self/fd/%d" % fd)
+            entries = {}
+            for e in os.scandir(path):
+                try:
+                    entries[e.name] = e.inode()
+                except OSError:
+                    pass
+            entry.update(kind="dir", path=path, entries=entries)
+        else:
+            entry.update(kind="file", size=st.st_size,
+                         path=os.readlink("/proc/self/fd/%d" % fd))
+        return entry
 
     def wrap(real):
         def recorded(fd):
-            st = os.fstat(fd)
-            entry = {"dev": st.st_dev, "ino": st.st_ino}
-            if stat_mod.S_ISDIR(st.st_mode):
-                path = os.readlink("/proc/self/fd/%d" % fd)
-                entries = {}
-                for e in os.scandir(path):
-                    try:
-                        entries[e.name] = e.inode()
-                    except OSError:
-                        pass
-                entry.update(kind="dir", path=path, entries=entries)
-            else:
-                entry.update(kind="file", size=st.st_size,
-                             path=os.readlink("/proc/self/fd/%d" % fd))
+            with stat_lock:  # the stat and its start time, in one order
+                entry = covered(fd)
             real(fd)
             os.write(log_fd, (json.dumps(entry) + "\n").encode())
         return recorded
@@ -191,7 +204,11 @@ def _install_fsync_recorder(log_path: str) -> None:
 
 
 def read_fsync_log(log_path: str) -> tuple[dict, dict]:
-    """``(files, dirs)``: inode -> size at its last fsync; inode -> entries at its last fsync."""
+    """``(files, dirs)``: inode -> size at its last fsync; inode -> entries at its last fsync.
+
+    "Last" is the last to begin of those that returned: two fsyncs of one
+    file can overlap, and the one that began first can return last.
+    """
     files: dict[tuple[int, int], int] = {}
     dirs: dict[tuple[int, int], dict] = {}
     try:
@@ -199,7 +216,8 @@ def read_fsync_log(log_path: str) -> tuple[dict, dict]:
             lines = f.read().splitlines()
     except FileNotFoundError:
         return files, dirs
-    for line in lines:
+    entries = []
+    for n, line in enumerate(lines):
         # One os.write per line, but a SIGKILL can still cut one short: the
         # kernel stops a write between pages for a fatal signal. The next
         # run's line then follows the torn one on the same line. The torn
@@ -209,6 +227,10 @@ def read_fsync_log(log_path: str) -> tuple[dict, dict]:
         if start < 0 or not line.endswith("}"):
             continue
         e = json.loads(line[start:])
+        # In the order the fsyncs began (lines are in the order they returned).
+        entries.append((e.get("start", 0), n, e))
+    entries.sort(key=lambda t: t[:2])
+    for _start, _n, e in entries:
         key = (e["dev"], e["ino"])
         if e["kind"] == "dir":
             dirs[key] = e["entries"]
