@@ -154,3 +154,43 @@ def test_retention_timer_checks_topics_in_slices(records_impl, tmp_path):
         store.close()
 
     asyncio.run(main())
+
+
+def test_the_directory_fsync_after_a_deletion_is_the_syncers(records_impl, tmp_path,
+                                                              monkeypatch):
+    """Retention's files are deleted by the disk thread; the fsync of their
+    directory (on ext4 a journal commit: 100 ms and more under load) runs on
+    the syncer thread, so the writes behind it do not wait for it."""
+    import threading
+    calls = []
+    real = os.fsync
+
+    def fsync(fd):
+        calls.append((threading.current_thread().name, os.readlink("/proc/self/fd/%d" % fd)))
+        return real(fd)
+
+    clock = FakeClock()
+
+    async def main():
+        store = make_store(tmp_path, clock=clock, segment_bytes=2048)
+        writer = await start_writer(store, fsync_interval_ms=60_000)
+        topic = store.get_or_create("chat")
+        _fill(writer, topic, 40)
+        await writer.flush()
+        await writer.checkpoint()  # every seal done, nothing left to fsync
+        monkeypatch.setattr(os, "fsync", fsync)
+        clock.advance(8 * DAY)
+        dropped = writer.enforce_retention()
+        assert dropped > 0
+        await writer.flush()
+        directory = os.path.realpath(topic.directory)
+        for _ in range(1000):  # until the syncer's round is done
+            if (("pylogstreams-sync", directory) in calls):
+                break
+            await asyncio.sleep(0.005)
+        assert [name for name, path in calls if path == directory] == ["pylogstreams-sync"]
+        assert store.stats["segments_deleted"] == dropped
+        await writer.close()
+        store.close()
+
+    asyncio.run(main())

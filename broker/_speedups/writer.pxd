@@ -30,6 +30,7 @@ cdef class DiskWriter:
     # the disk thread, the syncer and what they share with the loop
     cdef public object _thread, _queue, _disk_lock, _loop_wake, _thread_due, _wake_queued
     cdef public object _syncer, _sync_queue, _sync_results, _sync_busy, _sync_due, _busy_retry
-    cdef public object _dirty, _writeback, _seals, _lazy, _changed, _last_checkpoint, _offsets_retry
+    cdef public object _dirty, _writeback, _seals, _dirsyncs, _lazy, _changed
+    cdef public object _last_checkpoint, _offsets_retry
     cdef dict __dict__
     cdef object __weakref__
