@@ -1,16 +1,19 @@
-"""The recovery checkpoint: how much of each topic's active segment is known good.
+"""The recovery checkpoint: how much of each topic's log is known good.
 
 ``<data-dir>/checkpoint`` lets a restart skip scanning logs. For each topic
-it names the active segment and a prefix of it that is known to hold valid
-records, together with everything recovery would otherwise compute by
-scanning that prefix. The file is binary, all integers unsigned big-endian::
+it names one segment, the active one or, while that one's seal waits for
+the syncer, the one before it (``TopicLog.note_durable``): every segment
+before the one named is on disk whole. With it comes a prefix of that
+segment known to hold valid records, and everything recovery would
+otherwise compute by scanning that prefix. The file is binary, all
+integers unsigned big-endian::
 
     header   8 bytes  magic b"PLSCKPT1"
              u32      flags: bit 0 = clean (written at shutdown, after a full fsync)
              u32      n, the number of topic entries
              u64      time the checkpoint was written, ms since the epoch
     n times  u16      length of the topic name, then the name (ASCII)
-             u64      base offset of the topic's active segment
+             u64      base offset of the segment (the active one, or the one before)
              u64      size: bytes of that segment covered (a record boundary)
              u64      end offset: the offset after the last covered record
              u64      start of the last covered record (0 when size is 0)
@@ -19,13 +22,14 @@ scanning that prefix. The file is binary, all integers unsigned big-endian::
              u64      byte position where the next index entry is due
     trailer  u32      CRC-32 (zlib) of every byte before it
 
-The disk thread writes it atomically (``checkpoint.tmp``, fsync, rename,
-directory fsync) after fsyncs, at most every ``checkpoint_interval_ms``,
-and once more at a clean shutdown. Each entry describes a state whose log
-bytes were fsynced before the checkpoint was written (under
-``fsync=never``, the state at that moment, unsynced). A file that is
-missing, torn or fails its CRC is ignored: recovery then scans each
-topic's whole active segment, which is what it would do without one.
+It is written atomically (``checkpoint.tmp``, fsync, rename, directory
+fsync): by the syncer thread after its fsyncs, at most every
+``checkpoint_interval_ms``, and by the disk thread when asked
+(``DiskWriter.checkpoint``) and once more at a clean shutdown. Each entry describes a state whose log bytes were fsynced before
+the checkpoint was written (under ``fsync=never``, the state at that
+moment, unsynced). A file that is missing, torn or fails its CRC is
+ignored: recovery then scans the last two segments of each topic whole,
+which is what it would do without one.
 """
 
 from __future__ import annotations
@@ -53,9 +57,9 @@ _CRC = struct.Struct(">I")
 
 
 class CheckpointEntry(NamedTuple):
-    """A known-good prefix of one topic's active segment."""
+    """A known-good prefix of one segment of a topic (see the module docstring)."""
 
-    base_offset: int      # the active segment's base offset (its file name)
+    base_offset: int      # the segment's base offset (its file name)
     size: int             # bytes of valid records from the start of that segment
     end_offset: int       # offset after the last of them
     last_pos: int         # byte position of the last of them (0 if none)
