@@ -156,6 +156,26 @@ def committed_offsets(port: int) -> dict[tuple[str, str], int]:
         return {(o["client_id"], o["topic"]): o["offset"] for o in c.json(b"OFS", b"\x00\x00")}
 
 
+def _where_stored(topic: str, stored: list, sent: set) -> dict[bytes, int]:
+    """message -> offset for a topic read back: each message once, and one that was sent."""
+    where: dict[bytes, int] = {}
+    for off, value in stored:
+        assert value not in where, "%s: %r stored twice" % (topic, value[:30])
+        assert value in sent, "%s: %r was never sent" % (topic, value[:30])
+        where[value] = off
+    return where
+
+
+def _assert_publish_order(topic: str, stored: list) -> None:
+    """Per producer, messages are stored in publish order."""
+    by_producer: dict[bytes, list] = {}
+    for off, value in stored:
+        name, seq, _ = value.split(b":", 2)
+        by_producer.setdefault(name, []).append(int(seq))
+    for name, seqs in by_producer.items():
+        assert seqs == sorted(seqs), "%s: producer %s out of order" % (topic, name)
+
+
 class Ledger:
     """What the test knows about every topic: acked messages, consumers' progress."""
 
@@ -182,22 +202,12 @@ class Ledger:
             stored = read_topic(port, topic)
             offsets = [off for off, _ in stored]
             assert offsets == list(range(len(stored))), "%s: offsets not contiguous" % topic
-            where: dict[bytes, int] = {}
-            for off, value in stored:
-                assert value not in where, "%s: %r stored twice" % (topic, value[:30])
-                assert value in self.sent[topic], "%s: %r was never sent" % (topic, value[:30])
-                where[value] = off
+            where = _where_stored(topic, stored, self.sent[topic])
             for m, off in acked.items():
                 assert where.get(m) == off, (
                     "%s: acknowledged message %r (ACK said offset %d) is %s"
                     % (topic, m[:30], off, "missing" if m not in where else "at %d" % where[m]))
-            # Per producer, messages are stored in publish order.
-            by_producer: dict[bytes, list] = {}
-            for off, value in stored:
-                name, seq, _ = value.split(b":", 2)
-                by_producer.setdefault(name, []).append(int(seq))
-            for name, seqs in by_producer.items():
-                assert seqs == sorted(seqs), "%s: producer %s out of order" % (topic, name)
+            _assert_publish_order(topic, stored)
             self.checked += len(stored)
         stored_offsets = committed_offsets(port)
         for key, processed in self.processed.items():
@@ -375,11 +385,7 @@ def _verify_prefix(port: int, ledger: Ledger, topic: str, expected: list) -> int
                stored[diff][:1] + (stored[diff][1][:30],) if diff < len(stored) else None,
                expected[diff][:1] + (expected[diff][1][:30],) if diff < len(expected) else None))
     assert [off for off, _ in stored] == list(range(len(stored))), topic
-    where: dict[bytes, int] = {}
-    for off, value in stored:
-        assert value not in where, "%s: %r stored twice" % (topic, value[:30])
-        assert value in ledger.sent[topic], "%s: %r was never sent" % (topic, value[:30])
-        where[value] = off
+    where = _where_stored(topic, stored, ledger.sent[topic])
     lost = 0
     for m, off in ledger.acked.get(topic, {}).items():
         if off < len(stored) or m in where:
@@ -389,12 +395,7 @@ def _verify_prefix(port: int, ledger: Ledger, topic: str, expected: list) -> int
                    "missing" if m not in where else "at %d" % where[m]))
         else:
             lost += 1
-    by_producer: dict[bytes, list] = {}
-    for off, value in stored:
-        name, seq, _ = value.split(b":", 2)
-        by_producer.setdefault(name, []).append(int(seq))
-    for name, seqs in by_producer.items():
-        assert seqs == sorted(seqs), "%s: producer %s out of order" % (topic, name)
+    _assert_publish_order(topic, stored)
     return lost
 
 
