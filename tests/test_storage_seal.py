@@ -258,9 +258,21 @@ def test_a_segment_after_a_torn_one_is_removed(tmp_path):
     store.close()
 
 
-def test_a_clean_stop_finishes_a_waiting_seal(tmp_path):
-    """Stopping right after a roll: the close fsyncs the waiting seal, and the
-    clean checkpoint lets the next start read nothing."""
+def test_a_clean_stop_finishes_a_waiting_seal(tmp_path, monkeypatch):
+    """A seal the syncer could not do (its fsync failed) stays waiting; the
+    clean stop does it, and the clean checkpoint lets the next start read
+    nothing."""
+    import errno
+
+    from broker.storage.log import TopicLog
+    real = TopicLog.sync_seal
+
+    def sync_seal(self, seg):
+        if threading.current_thread().name == "pylogstreams-sync":
+            raise OSError(errno.EIO, "injected")
+        return real(self, seg)
+
+    monkeypatch.setattr(TopicLog, "sync_seal", sync_seal)
 
     async def main():
         store = make_store(tmp_path, fsync_interval_ms=60_000)
@@ -271,6 +283,11 @@ def test_a_clean_stop_finishes_a_waiting_seal(tmp_path):
             done, on_stored = _stored(loop)
             publish(writer, topic, [MSG], on_stored)
             assert await asyncio.wait_for(done, 10) == (i, 1, None)
+        # The syncer's attempt at the last seal failed (counted), and the
+        # seal still waits: nothing claims the last segment yet.
+        await _until(lambda: writer.stats["fsync_errors"] >= 1, "the syncer's attempt")
+        assert topic.unsealed is not None
+        assert topic.checkpoint_entry().base_offset < topic.active.base_offset
         await writer.close()
         assert topic.unsealed is None
         store.close()
@@ -279,4 +296,70 @@ def test_a_clean_stop_finishes_a_waiting_seal(tmp_path):
     store = make_store(tmp_path)
     assert store.stats["recovery_scanned_bytes"] == 0
     assert [p for _o, _t, p in read_all(store.get("t"))] == [MSG] * 5
+    store.close()
+
+
+def test_a_failed_append_that_rolled_takes_back_what_its_seals_made_durable(tmp_path,
+                                                                             monkeypatch):
+    """A batch that rolls twice finishes the first roll's seal on the way
+    (the bound of one waiting seal), which moves what is durable on to the
+    segment after it. If the batch then fails, that segment is removed: what
+    is durable must go back to where it was, or a checkpoint would name a
+    segment that is gone, and later claim more than any fsync covered."""
+    import errno
+
+    from broker.storage.segment import Segment
+    store = make_store(tmp_path)
+    topic = store.get_or_create("t")
+    append(topic, [MSG])
+    topic.active.fsync()
+    topic.note_synced()
+    before = topic.checkpoint_entry()
+    assert (before.base_offset, before.end_offset) == (0, 1)
+    real = Segment.create_files
+    created = []
+
+    def create_files(seg):
+        created.append(seg.base_offset)
+        if len(created) == 2:  # the second roll's new segment
+            raise OSError(errno.ENOSPC, "injected")
+        return real(seg)
+
+    monkeypatch.setattr(Segment, "create_files", create_files)
+    with pytest.raises(OSError):
+        append(topic, [MSG, MSG, MSG])
+    monkeypatch.undo()
+    assert created == [1, 2]
+    assert topic.active.base_offset == 0 and topic.end_offset == 1
+    assert segment_files(topic.directory) == ["%020d.log" % 0]
+    assert topic.checkpoint_entry() == before
+    assert topic.unsealed is None
+    # It goes on from there: the next roll leaves segment 0 waiting for its
+    # seal, and the checkpoint keeps naming it until that is done.
+    append(topic, [MSG])
+    assert topic.unsealed is not None and topic.unsealed.base_offset == 0
+    assert topic.checkpoint_entry() == before
+    topic.finish_seal()
+    assert topic.checkpoint_entry().base_offset == 1
+    store.close()
+
+
+def test_recovery_makes_the_last_segments_name_durable(tmp_path, monkeypatch):
+    """A crash while a seal waited: the last segment's name may not have
+    reached the directory fsync the seal does last. Recovery, finding the
+    one before it whole, fsyncs the directory before a checkpoint names
+    the last one."""
+    store = make_store(tmp_path)
+    topic = store.get_or_create("t")
+    for _ in range(3):
+        append(topic, [MSG])
+    assert topic.unsealed is not None
+    directory = topic.directory
+    store.close(checkpoint=False)  # as a crash leaves it
+    fsyncs = FsyncLog(monkeypatch)
+    store = make_store(tmp_path)
+    assert fsyncs.of(directory) == ["MainThread"]
+    entry = store.get("t").checkpoint_entry()
+    assert entry.base_offset == 2  # the checkpoint written after recovery names it
+    assert [p for _o, _t, p in read_all(store.get("t"))] == [MSG] * 3
     store.close()

@@ -1,19 +1,19 @@
 """The recovery checkpoint: how much of each topic's log is known good.
 
 ``<data-dir>/checkpoint`` lets a restart skip scanning logs. For each topic
-it names one segment, the active one or, while that one's seal waits for
-the syncer, the one before it (``TopicLog.note_durable``): every segment
-before the one named is on disk whole. With it comes a prefix of that
-segment known to hold valid records, and everything recovery would
-otherwise compute by scanning that prefix. The file is binary, all
-integers unsigned big-endian::
+it names one segment: the active one or, while the seal of the one before
+the active one waits for the syncer, that one (``TopicLog.note_durable``).
+Every segment before the one named is on disk whole. With it comes a
+prefix of that segment known to hold valid records, and everything
+recovery would otherwise compute by scanning that prefix. The file is
+binary, all integers unsigned big-endian::
 
     header   8 bytes  magic b"PLSCKPT1"
              u32      flags: bit 0 = clean (written at shutdown, after a full fsync)
              u32      n, the number of topic entries
              u64      time the checkpoint was written, ms since the epoch
     n times  u16      length of the topic name, then the name (ASCII)
-             u64      base offset of the segment (the active one, or the one before)
+             u64      base offset of the segment (active, or the one before)
              u64      size: bytes of that segment covered (a record boundary)
              u64      end offset: the offset after the last covered record
              u64      start of the last covered record (0 when size is 0)
@@ -25,11 +25,12 @@ integers unsigned big-endian::
 It is written atomically (``checkpoint.tmp``, fsync, rename, directory
 fsync): by the syncer thread after its fsyncs, at most every
 ``checkpoint_interval_ms``, and by the disk thread when asked
-(``DiskWriter.checkpoint``) and once more at a clean shutdown. Each entry describes a state whose log bytes were fsynced before
-the checkpoint was written (under ``fsync=never``, the state at that
-moment, unsynced). A file that is missing, torn or fails its CRC is
-ignored: recovery then scans the last two segments of each topic whole,
-which is what it would do without one.
+(``DiskWriter.checkpoint``) and once more at a clean shutdown. Each
+entry describes a state whose log bytes were fsynced before the
+checkpoint was written (under ``fsync=never``, the state at that moment,
+unsynced). A file that is missing, torn or fails its CRC is ignored:
+recovery then scans the last two segments of each topic whole, which is
+what it would do without one.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def read(data_dir: str):
         return None
     result = decode(data)
     if result is None:
-        log.warning("%s is torn or corrupt; recovery will scan active segments", path)
+        log.warning("%s is torn or corrupt; recovery will scan the last segments", path)
     return result
 
 

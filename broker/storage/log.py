@@ -61,7 +61,7 @@ class AppendResult:
         self.pieces = pieces          # [(segment, index entries, size after)] in order
         self.rolled = rolled          # segments created, in order
         self.end_offset = end_offset  # offset after the last record written
-        self.undo = undo              # (active before, its state before)
+        self.undo = undo              # (active before, its state, durable, durable_next, unsealed)
         self.buf = buf                # the records written, or their parts (for the tail cache)
         self.count = count            # how many
 
@@ -122,7 +122,9 @@ class TopicLog:
 
         Lists the directory and stats each segment file; only the last
         segment is recovered (:meth:`Segment.recover`), from the checkpoint
-        ``entry`` when it still applies.
+        ``entry`` when it still applies, and the one before it too when
+        ``entry`` does not name the last one (its seal may not have been
+        done: see below).
         """
         sizes = {}
         orphans = []
@@ -164,6 +166,10 @@ class TopicLog:
             if prev.end_offset == bases[-1]:
                 prev.sealed = True  # whole: the last segment follows it
                 segments.append(prev)
+                # Its seal may not have reached the directory fsync that
+                # makes the last one's name durable: do it before a
+                # checkpoint names the last one.
+                fsync_dir(directory)
             else:
                 # Its seal never reached the disk: the last segment starts
                 # past a gap, and goes (the log ends at the last valid record).
@@ -418,7 +424,7 @@ class TopicLog:
         """
         self.materialize()
         seg = self.active
-        undo = (seg, seg.state())
+        undo = (seg, seg.state(), self.durable, self.durable_next, self.unsealed)
         limit = self.config.segment_bytes
         if type(buf) is list:
             if len(buf) == 1:
@@ -497,7 +503,7 @@ class TopicLog:
 
     def undo(self, result: AppendResult) -> None:
         """Take back an append nobody has seen (failed write or failed fsync)."""
-        active, state = result.undo
+        active, state, durable, durable_next, unsealed = result.undo
         for seg in reversed(result.rolled):
             try:
                 seg.remove_created()
@@ -505,8 +511,10 @@ class TopicLog:
                 log.exception("could not remove %s after a failed append", seg.log_path)
         self.active = active
         active.sealed = False
-        if self.unsealed is not None and self.unsealed.base_offset >= active.base_offset:
-            self.unsealed = None  # it is active again (a roll of this append)
+        # What is durable as before the append: a seal it finished may have
+        # moved it to a segment just removed. (A seal it finished stays
+        # done; if it waits again, the next roll does it once more.)
+        self.durable, self.durable_next, self.unsealed = durable, durable_next, unsealed
         try:
             active.restore(state)
         except OSError:

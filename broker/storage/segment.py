@@ -139,7 +139,8 @@ class Segment:
     @classmethod
     def recover(cls, directory: str, base_offset: int, interval: int, rcache, wcache,
                 entry=None, clean: bool = False, stats: dict | None = None) -> "Segment":
-        """Open the active (last) segment, keeping exactly its longest valid prefix.
+        """Open a segment a crash may have cut (the last, or the one before it),
+        keeping exactly its longest valid prefix.
 
         ``entry`` is this topic's :class:`~broker.storage.checkpoint.CheckpointEntry`
         (or None). When it covers this segment and still matches the file,

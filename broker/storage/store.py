@@ -245,8 +245,9 @@ class LogStore:
     def write_checkpoint(self, clean: bool = False) -> None:
         """Write the recovery checkpoint (disk thread, or with no writer running).
 
-        Each topic contributes the state its active segment was last
-        fsynced at (see :meth:`TopicLog.checkpoint_entry`). ``clean`` says
+        Each topic contributes the state its log was last fsynced at: a
+        prefix of its active segment, or of the one before while that one's
+        seal waits (see :meth:`TopicLog.checkpoint_entry`). ``clean`` says
         every topic was fsynced to its end just before.
         """
         checkpoint.write(self.data_dir, self.checkpoint_entries(), clean,
