@@ -497,10 +497,9 @@ class DiskWriter:
         segment roll (files to create, maybe a waiting seal to finish), a
         topic's first write, files to reopen (the write cache closed them),
         an offsets journal compaction or retry, deletions, disk calls and
-        checkpoints. A write that is
-        due a writeback start stays here: that is the syncer's
-        (``_timed_work``). Under load the disk thread is busy
-        (``_in_flight``) and every job goes to it.
+        checkpoints. A write that is due a writeback start stays here: that
+        is the syncer's (``_timed_work``). Under load the disk thread is
+        busy (``_in_flight``) and every job goes to it.
         """
         if not self._disk_lock.acquire(False):
             return False  # the disk thread is at work (timed work or stopping)
@@ -980,7 +979,7 @@ class DiskWriter:
                     continue
                 self.fsync_histogram.observe(seconds)
                 self.stats["fsyncs"] += 1
-                if isinstance(entry, TopicLog):  # (TopicLog, sealed Segment)
+                if isinstance(entry, TopicLog):  # a seal: (sealed Segment, its TopicLog)
                     entry.note_sealed(item)
                 elif entry is not None:
                     item.note_durable(entry)
