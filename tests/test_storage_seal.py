@@ -57,6 +57,18 @@ def _stored(loop):
     return fut, lambda base, count, exc: fut.set_result((base, count, exc))
 
 
+def _one_synced_record(tmp_path):
+    """A store, topic "t" holding one record an fsync covered, and its checkpoint entry."""
+    store = make_store(tmp_path)
+    topic = store.get_or_create("t")
+    append(topic, [MSG])
+    topic.active.fsync()
+    topic.note_synced()
+    entry = topic.checkpoint_entry()
+    assert (entry.base_offset, entry.end_offset) == (0, 1)
+    return store, topic, entry
+
+
 async def _until(predicate, what: str) -> None:
     deadline = time.monotonic() + 10
     while not predicate():
@@ -163,13 +175,7 @@ def test_a_roll_finishes_the_seal_before_it(tmp_path, monkeypatch):
 def test_the_checkpoint_never_names_a_segment_past_a_waiting_seal(tmp_path):
     """An fsync of the new segment while the seal before it waits is held
     back, and counts once the seal is done."""
-    store = make_store(tmp_path)
-    topic = store.get_or_create("t")
-    append(topic, [MSG])
-    topic.active.fsync()
-    topic.note_synced()
-    first = topic.checkpoint_entry()
-    assert (first.base_offset, first.end_offset) == (0, 1)
+    store, topic, first = _one_synced_record(tmp_path)
     append(topic, [MSG])  # rolls: segment 0 waits for its seal
     s0 = topic.unsealed
     assert s0 is not None and s0.base_offset == 0
@@ -309,13 +315,7 @@ def test_a_failed_append_that_rolled_takes_back_what_its_seals_made_durable(tmp_
     import errno
 
     from broker.storage.segment import Segment
-    store = make_store(tmp_path)
-    topic = store.get_or_create("t")
-    append(topic, [MSG])
-    topic.active.fsync()
-    topic.note_synced()
-    before = topic.checkpoint_entry()
-    assert (before.base_offset, before.end_offset) == (0, 1)
+    store, topic, before = _one_synced_record(tmp_path)
     real = Segment.create_files
     created = []
 
