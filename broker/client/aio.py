@@ -196,12 +196,6 @@ class AsyncClient:
                 self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             raise ConnectionLost("cannot connect to %s:%d: %s" % (self.host, self.port, exc)) from exc
-        if proto.lost:
-            # Reset before we could use it (a broker starting or stopping on
-            # the port): _on_lost ignored it, as it was not ours yet. Waiting
-            # for a HEL reply on it would stall for request_timeout.
-            raise ConnectionLost("connection to %s:%d lost while connecting"
-                                 % (self.host, self.port))
         self._proto = proto
         try:
             payload = _U16.pack(PROTOCOL_VERSION) + wire1.pack_str(self._client_id)
@@ -327,6 +321,10 @@ class AsyncClient:
 
     async def _call_on(self, proto: _Protocol, kind: bytes, payload: bytes):
         if proto.lost:
+            # As _send: a request on a lost connection fails now. (A
+            # connection reset before _open had it, by a broker starting on
+            # the port, was ignored by _on_lost as not ours yet; its HEL
+            # would wait request_timeout for a reply that cannot come.)
             raise ConnectionLost("connection to %s:%d lost" % (self.host, self.port))
         rid = next(self._rids)
         fut = asyncio.get_running_loop().create_future()

@@ -97,13 +97,19 @@ def pwritev_all(fd: int, bufs: list, position: int) -> None:
             i += 1
 
 
-def fsync_dir(path: str) -> None:
-    """Make a created, renamed or deleted entry in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: str, flags: int = 0) -> None:
+    """fsync the file (or, with ``os.O_DIRECTORY``, directory) at ``path``,
+    through a descriptor of its own. FileNotFoundError if there is none."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a created, renamed or deleted entry in ``path`` durable."""
+    fsync_path(path, os.O_DIRECTORY)
 
 
 def write_replace(path: str, data, *, durable: bool) -> None:

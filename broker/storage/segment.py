@@ -28,7 +28,7 @@ import os
 
 from ..codec import records
 from .fileio import (
-    FADV_DONTNEED, FADV_SEQUENTIAL, advise, pwrite_all, pwritev_all,
+    FADV_DONTNEED, FADV_SEQUENTIAL, advise, fsync_path, pwrite_all, pwritev_all,
     write_replace,
 )
 from .index import ENTRY_SIZE, SparseIndex
@@ -580,13 +580,9 @@ class Segment:
         """
         for path in (self.log_path, self.index_path):
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fsync_path(path)
             except FileNotFoundError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                pass
 
     def delete_files(self) -> None:
         """Disk thread: drop the segment's cached pages, then its files."""

@@ -912,10 +912,7 @@ class DiskWriter:
                             os.close(fd)
                         continue
                     if item is _DIRSYNC:  # fd is the directory's path
-                        try:
-                            fsync_dir(fd)
-                        except OSError as exc:  # the deletions may come back after a crash
-                            log.error("could not fsync %s: %s", fd, exc)
+                        _fsync_deletions(fd)
                         continue
                     started = time.perf_counter()
                     if item is _SEAL:  # fd is the Segment, entry its TopicLog
@@ -1050,10 +1047,7 @@ class DiskWriter:
         self._seals = {}
         dirs, self._dirsyncs = list(self._dirsyncs), {}
         for directory in dirs:
-            try:
-                fsync_dir(directory)
-            except OSError as exc:
-                log.error("could not fsync %s: %s", directory, exc)
+            _fsync_deletions(directory)
 
     def _write_checkpoint(self, clean: bool) -> None:
         store = self._store
@@ -1119,6 +1113,14 @@ class DiskWriter:
 
 def _noop() -> None:
     return None
+
+
+def _fsync_deletions(directory: str) -> None:
+    """Make retention's deletions in ``directory`` durable (syncer, or at a stop)."""
+    try:
+        fsync_dir(directory)
+    except OSError as exc:  # the deletions may come back after a crash
+        log.error("could not fsync %s: %s", directory, exc)
 
 
 def _stored_size(messages, count: int) -> int:
