@@ -100,7 +100,7 @@ def plan_run(run: Run, port: int, args) -> dict:
                 client_pure=(run.codec == "pure" and args.client_codec == "same")
                 or args.client_codec == "pure",
                 max_frame_bytes=p.get("max_frame_bytes", 1 << 20), stamps=not p.get("backlog"),
-                commit_interval=args.commit_interval)
+                commit_interval=args.commit_interval, malloc=args.malloc)
     phases = []
     if sc.startswith("conn"):
         clients = [dict(name="conn-%d" % j) for j in range(p["connections"])]
@@ -412,6 +412,7 @@ def fill_row(row: dict, run: Run, out: dict, plan: dict, base_mem: dict) -> None
         "server_rss_base": base_mem["rss"],
         "server_rss_ready": out["mem_ready"]["rss"],
         "series": out["series"][:: max(1, len(out["series"]) // 600)],
+        "malloc_tuned": all(r.get("malloc_tuned") for r in results.values()),
         "_lat": lat,
     })
     notes = []
@@ -480,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--consumers", type=int, help="consumer connections")
     g.add_argument("--procs", type=int, help="worker processes per role")
     g.add_argument("--connections", type=int, help="connections for the conn scenarios")
+    ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                    help="glibc malloc settings of every worker process, ours and the peers' "
+                         "alike: 'tuned' calls broker.client.tune_malloc() (freed memory stays "
+                         "in the process; see docs/benchmarks.md), 'default' leaves glibc's "
+                         "(default: tuned)")
     ap.add_argument("--warm-memory", type=float, default=0.0, metavar="GIB",
                     help="before each run, touch and release GIB GiB of memory, so that the "
                          "run's page cache and heaps land on RAM the machine has backed (on VMs "
@@ -663,6 +669,14 @@ def main(argv: list[str] | None = None) -> int:
         if len(done) < len(warmed):
             notes.append("--warm-memory %g skipped before %d runs: MemAvailable unknown or "
                          "under 2 GiB" % (args.warm_memory, len(warmed) - len(done)))
+    measured = [r for r in results if not r.get("error")]
+    if args.malloc == "tuned" and measured:
+        tuned = sum(1 for r in measured if r.get("malloc_tuned"))
+        notes.append("worker processes (ours and the peers' alike) kept freed memory for reuse "
+                     "(broker.client.tune_malloc(), glibc) in %d of %d runs; --malloc default "
+                     "leaves glibc's settings" % (tuned, len(measured)))
+    elif measured:
+        notes.append("worker processes ran with glibc's own malloc settings (--malloc default)")
     load_after = report.machine_info()["loadavg"]
 
     text = render(results, peers, notes, machine, load_after, args, started, elapsed, interrupted)

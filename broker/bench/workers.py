@@ -549,6 +549,10 @@ def worker_main(wid: int, plan: dict, shared: dict) -> None:
     else:
         os.environ.pop("PYLOGSTREAMS_NO_EXTENSIONS", None)
     raise_nofile(len(plan["clients"]) + 64)
+    malloc_tuned = False
+    if plan.get("malloc", "default") == "tuned":
+        from broker.client.memory import tune_malloc
+        malloc_tuned = tune_malloc()
     ctx = _Ctx(wid, plan, shared)
     ctx.shared_q = q
     try:
@@ -570,4 +574,5 @@ def worker_main(wid: int, plan: dict, shared: dict) -> None:
         "role": plan["role"], "count": ctx.count, "bytes": ctx.count * plan["size"],
         "t_first": ctx.t_first, "t_last": ctx.t_last, "lat": ctx.lat.tobytes(),
         "per_topic": dict(ctx.per_topic), "connect_seconds": getattr(ctx, "connect_seconds", 0.0),
+        "malloc_tuned": malloc_tuned,
     }))

@@ -1,0 +1,91 @@
+"""``broker.client.tune_malloc``: freed memory stays in the process (glibc).
+
+What it is for: a consumer's memory rises and falls by megabytes, and
+glibc's defaults hand every freed megabyte back to the kernel and fault it
+in again (docs/benchmarks.md). Each test runs in a fresh interpreter,
+since the setting is the whole process's and cannot be undone.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from broker.client import tune_malloc
+
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+# A consumer's pattern in small: 4 MiB of 1 KiB values made and dropped,
+# 40 times over; prints the minor page faults taken by the last 30 rounds
+# (the first ones fill the heap either way).
+_CHURN = r"""
+import sys
+from broker.client import tune_malloc
+applied = tune_malloc() if sys.argv[1] == "tuned" else False
+
+def faults():
+    with open("/proc/self/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+SOURCE = bytes(range(256)) * 4
+
+def round_():
+    values = [SOURCE[:1000] + b"%4d" % i for i in range(4096)]
+    del values
+
+for _ in range(10):
+    round_()
+before = faults()
+for _ in range(30):
+    round_()
+print(applied, faults() - before)
+"""
+
+
+def _churn(mode: str, env: dict | None = None) -> tuple[bool, int]:
+    out = subprocess.run([sys.executable, "-c", _CHURN, mode], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, **(env or {})))
+    assert out.returncode == 0, out.stderr
+    applied, faults = out.stdout.split()
+    return applied == "True", int(faults)
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt's thresholds are glibc's; elsewhere tune_malloc does nothing")
+def test_freed_memory_is_reused_instead_of_faulted_in_again():
+    applied, tuned = _churn("tuned")
+    assert applied
+    _, default = _churn("default")
+    # glibc's defaults give the freed top of the heap back every round: a
+    # thousand pages and more faulted in again per round.
+    assert default > 30 * 500, default
+    assert tuned < default // 20, (tuned, default)
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt's thresholds are glibc's; elsewhere tune_malloc does nothing")
+@pytest.mark.parametrize("name", ["MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"])
+def test_the_environment_variables_win(name):
+    # The process's owner chose already (glibc reads these at start): the
+    # call leaves the process as it is and says so.
+    applied, faults = _churn("tuned", {name: str(128 * 1024)})
+    assert not applied
+    _, default = _churn("default")
+    assert faults > default // 4, (faults, default)
+
+
+def test_thresholds_out_of_range_are_refused():
+    with pytest.raises(ValueError):
+        tune_malloc(mmap_threshold=64 << 20)  # glibc's ceiling is 32 MiB on 64-bit
+    with pytest.raises(ValueError):
+        tune_malloc(trim_threshold=-1)
+
+
+def test_on_another_c_library_it_does_nothing(monkeypatch):
+    # musl has a mallopt that ignores these parameters: not called at all.
+    import ctypes
+    monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("musl", "1.2.4"))
+    monkeypatch.setattr(ctypes, "CDLL", None)  # any call would raise
+    assert tune_malloc() is False
