@@ -28,7 +28,6 @@ import operator
 import struct
 import zlib
 from itertools import repeat
-from operator import itemgetter
 
 __all__ = [
     "HEADER_SIZE", "CorruptRecordError", "encode_records", "scan_records",
@@ -45,7 +44,7 @@ _OFF = struct.Struct(">Q")
 _INDEX_ENTRY = struct.Struct(">II")
 _unpack_hdr = _HDR.unpack_from
 _pack_len = _LEN.pack
-_first = itemgetter(0)
+_first = operator.itemgetter(0)
 
 
 class CorruptRecordError(ValueError):
@@ -126,15 +125,18 @@ def index_entries(buf, base_position: int, next_index_position: int,
     record starting at or after ``next_index_position``, after which the
     next one is due ``interval`` bytes later. Returns ``(entries, next)``.
     """
+    base_position, due, interval, segment_base_offset = map(
+        operator.index, (base_position, next_index_position, interval, segment_base_offset))
     end = len(buf)
     pos = 0
     parts = []
-    due = next_index_position
     unpack_len, unpack_off = _LEN.unpack_from, _OFF.unpack_from
     stride = 4 + unpack_len(buf, 0)[0] if end >= HEADER_SIZE else 0
-    if stride >= HEADER_SIZE and end % stride == 0 and _equal_sized(buf, stride, end):
-        # Equal-sized records (the common case): where each one starts is
-        # known, so Python steps through none of them.
+    if stride >= HEADER_SIZE and end >= _MANY * stride and end % stride == 0 \
+            and _equal_sized(buf, stride, end):
+        # Many equal-sized records (the common case): where each one starts
+        # is known, so Python steps through none of them. (For a few, the
+        # walk below costs less than the check.)
         first = max(0, -(-(due - base_position) // stride)) * stride  # the first at or after due
         if first >= end:
             return b"", due
@@ -153,6 +155,9 @@ def index_entries(buf, base_position: int, next_index_position: int,
             due = where + interval
         pos += 4 + unpack_len(buf, pos)[0]
     return b"".join(parts), due
+
+
+_MANY = 32  # records in a batch from which index_entries checks for equal sizes
 
 
 def _equal_sized(buf, stride: int, end: int) -> bool:

@@ -412,7 +412,7 @@ def fill_row(row: dict, run: Run, out: dict, plan: dict, base_mem: dict) -> None
         "server_rss_base": base_mem["rss"],
         "server_rss_ready": out["mem_ready"]["rss"],
         "series": out["series"][:: max(1, len(out["series"]) // 600)],
-        "malloc_tuned": all(r.get("malloc_tuned") for r in results.values()),
+        "malloc_tuned": bool(results) and all(r.get("malloc_tuned") for r in results.values()),
         "_lat": lat,
     })
     notes = []
