@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -53,9 +52,8 @@ def test_bench_quick_run_prints_its_table(tmp_path):
     assert doc["settings"]["commit_interval"] == 0.05
     # Every worker process kept its freed memory (glibc, unless the
     # environment set malloc's thresholds itself), and the report says so.
-    from broker.client.memory import owner_chose
-    tuned = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" \
-        and not owner_chose()
+    from broker.client.memory import on_glibc, owner_chose
+    tuned = on_glibc() and not owner_chose()
     assert all(r["malloc_tuned"] is tuned for r in doc["results"])
     assert ("kept freed memory for reuse (broker.client.tune_malloc(), glibc) in %d of 8 runs"
             % (8 if tuned else 0)) in out.stdout

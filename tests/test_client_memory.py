@@ -16,9 +16,9 @@ import sys
 import pytest
 
 from broker.client import tune_malloc
-from broker.client.memory import owner_chose
+from broker.client.memory import on_glibc, owner_chose
 
-GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+GLIBC = on_glibc()
 # Without the environment's own settings: the child processes get none.
 _CLEAN = {k: v for k, v in os.environ.items()
           if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}

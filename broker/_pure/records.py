@@ -128,8 +128,6 @@ def index_entries(buf, base_position: int, next_index_position: int,
     base_position, due, interval, segment_base_offset = map(
         operator.index, (base_position, next_index_position, interval, segment_base_offset))
     end = len(buf)
-    pos = 0
-    parts = []
     unpack_len, unpack_off = _LEN.unpack_from, _OFF.unpack_from
     stride = 4 + unpack_len(buf, 0)[0] if end >= HEADER_SIZE else 0
     if stride >= HEADER_SIZE and end >= _MANY * stride and end % stride == 0 \
@@ -147,6 +145,8 @@ def index_entries(buf, base_position: int, next_index_position: int,
         entries = b"".join(map(_INDEX_ENTRY.pack,
                                map(operator.sub, offsets, repeat(segment_base_offset)), wheres))
         return entries, wheres[-1] + interval
+    pos = 0
+    parts = []
     while end - pos >= HEADER_SIZE:
         if base_position + pos >= due:  # only the records indexed have their offset read
             where = base_position + pos

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["tune_malloc", "owner_chose", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
+__all__ = ["tune_malloc", "on_glibc", "owner_chose", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
 MMAP_THRESHOLD = 32 << 20   # glibc's ceiling for its own adaptive threshold on 64-bit
 TRIM_THRESHOLD = 64 << 20   # twice the mmap threshold, as glibc keeps them when adapting
@@ -42,6 +42,12 @@ _M_MMAP_THRESHOLD = -3
 _ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 _TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold")
 _INT_MAX = (1 << 31) - 1
+
+
+def on_glibc() -> bool:
+    """True if this process runs on Linux with glibc, whose thresholds these are."""
+    import platform
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 def owner_chose() -> bool:
@@ -65,10 +71,7 @@ def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM
     for value in (mmap_threshold, trim_threshold):
         if not 1 <= value <= _INT_MAX:
             raise ValueError("threshold out of range (1 to 2**31 - 1 bytes): %r" % (value,))
-    if owner_chose():
-        return False
-    import platform
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if owner_chose() or not on_glibc():
         return False
     import ctypes
     try:
