@@ -99,6 +99,37 @@ def test_batch_cost_runs(codec):
     assert row, out.stdout
 
 
+
+_SWAP_ROWS = ["pure", "pure + compiled wire1.publish_records", "pure + compiled crc32", "cython"]
+
+
+def test_pure_swap_runs():
+    # bench/pure_swap.py: devlog50 against the pure broker, the pure broker
+    # with one compiled function (then the compiled CRC-32) in place of its
+    # pure twin, and the compiled broker; each swapped broker reports its swap.
+    out = subprocess.run(
+        [sys.executable, "bench/pure_swap.py", "--quick", "--rounds", "1",
+         "--swap", "wire1.publish_records", "--swap", "crc32", "--", "--count", "2000",
+         "--max-seconds", "30"],
+        cwd=ROOT, env=impl_env("c"), capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    rows = re.findall(r"^\| (.+?) \| ([\d,]+) \| ([\d,]+) \| [\d.]+ \|$", out.stdout, re.M)
+    assert [name for name, _, _ in rows] == _SWAP_ROWS, out.stdout
+    assert all(each == median for _, each, median in rows), out.stdout  # one round
+
+
+def test_pure_swap_refuses_a_run_without_its_swap():
+    # A broker that did not make the swap (here: the hook written empty)
+    # must not yield a figure that would be read as the swapped one.
+    code = ("import runpy, sys; m = runpy.run_path('bench/pure_swap.py', run_name='pure_swap'); "
+            "m['main'].__globals__['_HOOK'] = ''; "
+            "m['main'](['--quick', '--rounds', '1', '--', '--count', '2000'])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=impl_env("c"),
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode != 0
+    assert "did not report its swap: not measured" in out.stderr, out.stderr[-3000:]
+
+
 @pytest.mark.parametrize("codec", ["cython", "pure"])
 def test_ack_latency_runs(codec):
     # bench/ack_latency.py: a publisher awaiting each ACK, with 0 and then 2
