@@ -77,11 +77,13 @@ def _check_swap(item: str) -> str:
         return item
     import importlib
     mod, _, fn = item.rpartition(".")
-    try:
-        pure = importlib.import_module("broker._pure." + mod)
-        compiled = importlib.import_module("broker._speedups." + mod)
-    except ImportError:
+    if mod not in ("frames", "records", "wire1"):
         raise argparse.ArgumentTypeError("no codec module %r (frames, records, wire1)" % mod)
+    pure = importlib.import_module("broker._pure." + mod)
+    try:
+        compiled = importlib.import_module("broker._speedups." + mod)
+    except ImportError as exc:
+        raise argparse.ArgumentTypeError("the compiled codec is not built (%s)" % exc)
     if not callable(getattr(pure, fn, None)) or not callable(getattr(compiled, fn, None)):
         raise argparse.ArgumentTypeError("%s is not a function of both twins" % item)
     return item
@@ -134,6 +136,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of all variants (default 3)")
     ap.add_argument("--quick", action="store_true", help="the bench's tiny counts (a smoke run)")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     args.extra = extra
     swaps = args.swap or ["wire1.publish_records"]
     variants = [("pure", None)] + [("pure + compiled " + s, s) for s in swaps] + [("cython", None)]
