@@ -15,8 +15,9 @@ default) or ``records.index_entries``, or ``crc32``: the compiled
 CRC-32 (``broker._speedups.frames.crc32``) where the pure modules call
 zlib's. It is made in the broker process only, at its start, by a
 ``sitecustomize`` module this script writes to a temporary directory and
-puts first on ``PYTHONPATH``; it replaces the module's attribute, which is
-what the server calls (``wire1.publish_records(...)``). Each swapped broker
+puts first on ``PYTHONPATH`` (for those runs it hides any other
+``sitecustomize``); it replaces the module's attribute, which is what the
+server calls (``wire1.publish_records(...)``). Each swapped broker
 writes its pid and swaps to a report file, and a run whose broker did not
 is an error: a figure measured without the swap would be read as one with
 it.
