@@ -90,7 +90,7 @@ def _check_swap(item: str) -> str:
     return item
 
 
-def _run(variant: str, swap: str | None, args, hook_dir: str, report: str) -> dict:
+def _run(variant: str, codec: str, swap: str | None, args, hook_dir: str, report: str) -> dict:
     env = dict(os.environ)
     env.pop("PURE_SWAP", None)
     if swap:
@@ -100,7 +100,7 @@ def _run(variant: str, swap: str | None, args, hook_dir: str, report: str) -> di
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         before = _reported(report)
         cmd = [sys.executable, "-m", "broker", "bench", "--scenarios", args.scenario,
-               "--codec", "cython" if variant == "cython" else "pure", "--mode", "client",
+               "--codec", codec, "--mode", "client",
                "--peers", "none", "--json", out.name] + (["--quick"] if args.quick else []) + args.extra
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -141,22 +141,24 @@ def main(argv=None) -> None:
         ap.error("--rounds must be at least 1")
     args.extra = extra
     swaps = args.swap or ["wire1.publish_records"]
-    variants = [("pure", None)] + [("pure + compiled " + s, s) for s in swaps] + [("cython", None)]
-    results: dict[str, list[dict]] = {name: [] for name, _ in variants}
+    # (label, the broker's codec, the swap made in it)
+    variants = ([("pure", "pure", None)] + [("pure + compiled " + s, "pure", s) for s in swaps]
+                + [("cython", "cython", None)])
+    results: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
     with tempfile.TemporaryDirectory(prefix="pure-swap-") as hook_dir:
         with open(os.path.join(hook_dir, "sitecustomize.py"), "w") as f:
             f.write(_HOOK)
         report = os.path.join(hook_dir, "swapped.txt")
         for r in range(args.rounds):
-            for name, swap in variants:
-                row = _run(name, swap, args, hook_dir, report)
+            for name, codec, swap in variants:
+                row = _run(name, codec, swap, args, hook_dir, report)
                 results[name].append(row)
                 print("round %d  %-40s %10s msg/s  %5.1f CPU s/M" % (
                     r + 1, name, format(round(row["msgs_per_s"]), ","), row["cpu_s_per_m"]),
                     file=sys.stderr, flush=True)
     print("| %s, broker | msg/s, each round | median | broker CPU s/M, median |" % args.scenario)
     print("| --- | --- | ---: | ---: |")
-    for name, _ in variants:
+    for name, _, _ in variants:
         rates = [row["msgs_per_s"] for row in results[name]]
         cpu = statistics.median(row["cpu_s_per_m"] for row in results[name])
         print("| %s | %s | %s | %.1f |" % (name, ", ".join(format(round(x), ",") for x in rates),
